@@ -1,0 +1,2 @@
+//! rabbit-sidecar: a RabbitMQ consumer sidecar with failover and observability.
+#![forbid(unsafe_code)]
