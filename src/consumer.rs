@@ -1,0 +1,688 @@
+//! The consumer loop of one subscription: the only place where the broker, the app and the policy
+//! meet.
+//!
+//! For each broker session it prepares the queues, opens a consuming channel (with `basic.qos`
+//! prefetch) and a publishing channel (with publisher confirms), and consumes. Each delivery
+//! becomes a task that waits for one of `--concurrency` slots, hands the message to the app,
+//! asks the [policy](crate::policy) what to do, and does it:
+//!
+//! - **ack** after a 2xx;
+//! - **retry**: publish a copy carrying the attempt count to the retry queue with a per-message
+//!   TTL equal to the backoff, and ack the original only once the broker confirmed the copy. The
+//!   retry queue dead-letters expired copies back to the consumed queue. A waiting retry is thus
+//!   always durable in the broker, never only in this process's memory, and takes no prefetch slot;
+//! - **dead-letter**: publish a copy with the reasons to the dead-letter queue, ack the original
+//!   after the confirm;
+//! - **requeue** (the app is unreachable): `basic.nack` with requeue, and the [gate](crate::gate)
+//!   pauses consuming.
+//!
+//! If a copy is not confirmed the original is held for the retry backoff and then requeued, so a
+//! broken dead-letter path slows a poison message down instead of spinning on it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Consumer};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::{Session, Sessions, backoff};
+use crate::dispatch::Dispatcher;
+use crate::events::{
+    ConsumerStarted, ConsumerStopped, DeadLettered, Event, HandlerAnswered, MessageAcked, MessageReceived,
+    MessageRequeued, RepublishFailed, RetryScheduled, SettleFailed,
+};
+use crate::gate::AppGate;
+use crate::headers::{self, DeliveryInfo};
+use crate::health::{Health, State};
+use crate::metrics::{CancelReason, Metrics};
+use crate::policy::{self, DeadLetterReason, Decision, Limits, Outcome};
+use crate::topology::{self, QueueSpec};
+use crate::trace::{DeliveryMeta, MessageTrace};
+
+/// How long a copy may wait for the broker's confirm (a blocked connection waits here).
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One queue consumed on behalf of the app.
+#[derive(Debug)]
+pub struct Subscription {
+    pub spec: QueueSpec,
+    pub prefetch: u16,
+    pub concurrency: usize,
+    pub limits: Limits,
+    pub dispatcher: Dispatcher,
+    slots: Arc<Semaphore>,
+    next_id: AtomicU64,
+}
+
+impl Subscription {
+    pub fn new(spec: QueueSpec, prefetch: u16, concurrency: usize, limits: Limits, dispatcher: Dispatcher) -> Self {
+        Subscription {
+            spec,
+            prefetch,
+            concurrency,
+            limits,
+            dispatcher,
+            slots: Arc::new(Semaphore::new(concurrency)),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    pub fn queue(&self) -> &str {
+        &self.spec.queue
+    }
+}
+
+/// What every consumer loop shares.
+#[derive(Clone, Debug)]
+pub struct Shared {
+    pub metrics: Metrics,
+    pub health: Arc<Health>,
+    pub gate: AppGate,
+    /// Cancelled on SIGTERM: stop taking messages, finish what is in flight.
+    pub shutdown: CancellationToken,
+    /// Cancelled when the shutdown grace is over: return whatever is unfinished.
+    pub hard_stop: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+enum Exit {
+    Shutdown,
+    Lost,
+    Retry(String),
+}
+
+enum Pump {
+    Shutdown,
+    AppDown,
+    BrokerCancelled,
+    Error(lapin::Error),
+}
+
+/// Runs one subscription until shutdown. Handler tasks are spawned on `shared.tasks`; the
+/// supervisor waits for them.
+pub async fn run(sub: Arc<Subscription>, shared: Shared, mut sessions: Sessions) {
+    let queue = sub.queue().to_string();
+    let mut last_generation = 0u64;
+    let mut failures = 0u32;
+    while !shared.shutdown.is_cancelled() {
+        shared.health.set_state(&queue, State::Connecting);
+        let session = tokio::select! {
+            s = sessions.wait_for(|s| s.as_ref().is_some_and(|s| s.generation > last_generation || s.is_connected())) => match s {
+                Ok(s) => s.clone().expect("waited for Some"),
+                Err(_) => break,
+            },
+            _ = shared.shutdown.cancelled() => break,
+        };
+        last_generation = session.generation;
+        match consume_session(&sub, &shared, &session).await {
+            Exit::Shutdown => break,
+            Exit::Lost => {
+                failures = 0;
+                // Wait for the broker module to notice and publish the next session.
+                tokio::select! {
+                    _ = sessions.wait_for(|s| s.as_ref().is_none_or(|s| s.generation != last_generation)) => {}
+                    _ = shared.shutdown.cancelled() => break,
+                }
+            }
+            Exit::Retry(error) => {
+                let delay = backoff(Duration::from_millis(500), Duration::from_secs(15), failures);
+                failures = failures.saturating_add(1);
+                tracing::warn!(queue = %queue, error = %error, retry_in_ms = delay.as_millis() as u64, "subscription failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shared.shutdown.cancelled() => break,
+                }
+            }
+        }
+    }
+    shared.health.set_state(&queue, State::Draining);
+}
+
+async fn consume_session(sub: &Arc<Subscription>, shared: &Shared, session: &Arc<Session>) -> Exit {
+    let conn = &session.connection;
+    let lost_or = |e: lapin::Error| {
+        if session.is_connected() {
+            Exit::Retry(e.to_string())
+        } else {
+            Exit::Lost
+        }
+    };
+    if let Err(e) = topology::prepare(conn, &sub.spec).await {
+        tracing::error!(queue = %sub.queue(), error = %e, "cannot prepare the queues");
+        return if session.is_connected() {
+            Exit::Retry(e.to_string())
+        } else {
+            Exit::Lost
+        };
+    }
+    let channel = match open_consuming_channel(conn, sub.prefetch).await {
+        Ok(c) => c,
+        Err(e) => return lost_or(e),
+    };
+    let publisher = match open_publishing_channel(conn).await {
+        Ok(c) => Arc::new(c),
+        Err(e) => return lost_or(e),
+    };
+    let queue = sub.queue();
+    let mut consumer_number = 0u32;
+    let exit = loop {
+        if !shared.gate.is_up() {
+            shared.health.set_state(queue, State::PausedAppDown);
+            tokio::select! {
+                _ = shared.gate.wait_up() => {}
+                _ = shared.shutdown.cancelled() => break Exit::Shutdown,
+                _ = wait_lost(session) => break Exit::Lost,
+            }
+        }
+        consumer_number += 1;
+        let tag = format!(
+            "rabbit-sidecar.{}.{}.{}.{}",
+            crate::broker::hostname(),
+            std::process::id(),
+            session.generation,
+            consumer_number
+        );
+        let mut consumer = match channel
+            .basic_consume(queue.into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => break lost_or(e),
+        };
+        ConsumerStarted { queue, tag: &tag }.emit(&shared.metrics);
+        shared.health.set_consumer(queue, Some(tag.clone()));
+        shared.health.set_state(queue, State::Consuming);
+
+        let ended = pump(sub, shared, session, &publisher, &mut consumer).await;
+        shared.health.set_consumer(queue, None);
+        match ended {
+            Pump::Shutdown => {
+                cancel_and_return_unstarted(shared, queue, &channel, &mut consumer, &tag, "shutdown").await;
+                ConsumerStopped {
+                    queue,
+                    reason: Some(CancelReason::Shutdown),
+                }
+                .emit(&shared.metrics);
+                break Exit::Shutdown;
+            }
+            Pump::AppDown => {
+                cancel_and_return_unstarted(shared, queue, &channel, &mut consumer, &tag, "app unreachable").await;
+                ConsumerStopped {
+                    queue,
+                    reason: Some(CancelReason::AppDown),
+                }
+                .emit(&shared.metrics);
+            }
+            Pump::BrokerCancelled => {
+                ConsumerStopped {
+                    queue,
+                    reason: Some(CancelReason::Broker),
+                }
+                .emit(&shared.metrics);
+                break if session.is_connected() {
+                    Exit::Retry("consumer cancelled by the broker (queue deleted or failed over?)".into())
+                } else {
+                    Exit::Lost
+                };
+            }
+            Pump::Error(e) => {
+                ConsumerStopped { queue, reason: None }.emit(&shared.metrics);
+                break lost_or(e);
+            }
+        }
+    };
+    if matches!(exit, Exit::Retry(_)) && channel.status().connected() {
+        let _ = channel.close(200, "restarting subscription".into()).await;
+    }
+    exit
+}
+
+async fn open_consuming_channel(conn: &lapin::Connection, prefetch: u16) -> Result<Channel, lapin::Error> {
+    let channel = conn.create_channel().await?;
+    channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    Ok(channel)
+}
+
+async fn open_publishing_channel(conn: &lapin::Connection) -> Result<Channel, lapin::Error> {
+    let channel = conn.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(channel)
+}
+
+async fn wait_lost(session: &Session) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    while session.is_connected() {
+        tick.tick().await;
+    }
+}
+
+async fn pump(
+    sub: &Arc<Subscription>,
+    shared: &Shared,
+    session: &Arc<Session>,
+    publisher: &Arc<Channel>,
+    consumer: &mut Consumer,
+) -> Pump {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => return Pump::Shutdown,
+            _ = shared.gate.wait_down() => return Pump::AppDown,
+            _ = tick.tick() => shared.health.tick(sub.queue()),
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    shared.health.tick(sub.queue());
+                    let (sub, shared2, session, publisher) = (sub.clone(), shared.clone(), session.clone(), publisher.clone());
+                    shared.tasks.spawn(async move { handle(sub, shared2, session, publisher, delivery).await });
+                }
+                Some(Err(e)) => return Pump::Error(e),
+                None => return Pump::BrokerCancelled,
+            },
+        }
+    }
+}
+
+/// Cancels the consumer and gives back what the broker pushed before the cancel took effect.
+async fn cancel_and_return_unstarted(
+    shared: &Shared,
+    queue: &str,
+    channel: &Channel,
+    consumer: &mut Consumer,
+    tag: &str,
+    why: &'static str,
+) {
+    if channel.status().connected() {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            channel.basic_cancel(tag.into(), BasicCancelOptions::default()),
+        )
+        .await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Ok(Some(Ok(delivery))) = tokio::time::timeout_at(deadline, consumer.next()).await {
+        requeue(shared, queue, &delivery, why).await;
+    }
+}
+
+async fn requeue(shared: &Shared, queue: &str, delivery: &Delivery, why: &'static str) {
+    match delivery
+        .acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        })
+        .await
+    {
+        Ok(_) => MessageRequeued { queue, why }.emit(&shared.metrics),
+        Err(e) => SettleFailed {
+            queue,
+            error: &e.to_string(),
+        }
+        .emit(&shared.metrics),
+    }
+}
+
+async fn ack(shared: &Shared, queue: &str, delivery: &Delivery) -> bool {
+    match delivery.acker.ack(BasicAckOptions::default()).await {
+        Ok(_) => true,
+        Err(e) => {
+            SettleFailed {
+                queue,
+                error: &e.to_string(),
+            }
+            .emit(&shared.metrics);
+            false
+        }
+    }
+}
+
+fn message_age(props: &BasicProperties) -> Option<Duration> {
+    let ts = (*props.timestamp())?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
+    now.checked_sub(ts).map(Duration::from_secs)
+}
+
+async fn handle(sub: Arc<Subscription>, shared: Shared, session: Arc<Session>, publisher: Arc<Channel>, delivery: Delivery) {
+    let queue = sub.queue();
+    let id = sub.next_id.fetch_add(1, Ordering::Relaxed);
+    let msg_headers = delivery.properties.headers().as_ref();
+    let prior = headers::prior_attempts(msg_headers);
+    let attempt = prior.saturating_add(1);
+    shared.health.delivered(queue, id);
+    MessageReceived {
+        queue,
+        redelivered: delivery.redelivered || prior > 0,
+        attempt,
+        age: message_age(&delivery.properties),
+    }
+    .emit(&shared.metrics);
+
+    let trace = MessageTrace::start(&DeliveryMeta {
+        queue,
+        exchange: delivery.exchange.as_str(),
+        routing_key: delivery.routing_key.as_str(),
+        delivery_tag: delivery.delivery_tag,
+        message_id: delivery.properties.message_id().as_ref().map(|s| s.as_str()),
+        correlation_id: delivery.properties.correlation_id().as_ref().map(|s| s.as_str()),
+        body_size: delivery.data.len(),
+        server_address: &session.host,
+        server_port: session.port,
+        headers: msg_headers,
+    });
+
+    let settled_by_ack = process(&sub, &shared, &publisher, &delivery, id, attempt, &trace).await;
+    shared.health.settled(queue, id, settled_by_ack);
+}
+
+/// Takes the message through slot, dispatch, decision and settlement. Returns whether it was
+/// acked (it left the queue for good).
+async fn process(
+    sub: &Subscription,
+    shared: &Shared,
+    publisher: &Channel,
+    delivery: &Delivery,
+    id: u64,
+    attempt: u32,
+    trace: &MessageTrace,
+) -> bool {
+    let queue = sub.queue();
+    if policy::exhausted_on_arrival(attempt, &sub.limits) {
+        let reason = DeadLetterReason::MaxDeliveries;
+        trace.record_decision("dead_letter");
+        let detail = "delivered more often than --max-deliveries without a decision (consumers died holding it)";
+        return dead_letter(sub, shared, publisher, delivery, attempt, reason, None, detail, trace).await;
+    }
+
+    // Wait for a slot; give the message back if the app goes down or we shut down meanwhile.
+    let _permit = tokio::select! {
+        permit = sub.slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        _ = shared.gate.wait_down() => {
+            requeue(shared, queue, delivery, "app unreachable").await;
+            return false;
+        }
+        _ = shared.shutdown.cancelled() => {
+            requeue(shared, queue, delivery, "shutdown").await;
+            return false;
+        }
+    };
+    if !shared.gate.is_up() {
+        requeue(shared, queue, delivery, "app unreachable").await;
+        return false;
+    }
+
+    let props = &delivery.properties;
+    let mut http_headers = headers::to_http(&DeliveryInfo {
+        queue,
+        exchange: delivery.exchange.as_str(),
+        routing_key: delivery.routing_key.as_str(),
+        redelivered: delivery.redelivered,
+        attempt,
+        properties: props,
+    });
+    let client_span = trace.dispatch_span("POST", sub.dispatcher.target());
+    trace.inject_http(&client_span, &mut http_headers);
+    let body = Bytes::copy_from_slice(&delivery.data);
+
+    shared.health.dispatch_started(queue, id);
+    let answer = tokio::select! {
+        a = tracing::Instrument::instrument(sub.dispatcher.dispatch(body, http_headers), client_span.clone()) => a,
+        _ = shared.hard_stop.cancelled() => {
+            trace.record_decision("requeue");
+            requeue(shared, queue, delivery, "shutdown deadline reached").await;
+            return false;
+        }
+    };
+    if let Some(status) = answer.outcome.status() {
+        crate::trace::record_http_status(&client_span, status);
+    }
+    shared.health.dispatch_finished(queue, id);
+    drop(client_span);
+
+    if answer.outcome == Outcome::Unreachable {
+        shared.gate.report_down();
+    } else {
+        shared.gate.report_up();
+    }
+    let decision = policy::decide(answer.outcome, attempt, &sub.limits, rand::random::<f64>());
+    let outcome_label = match (decision, answer.outcome) {
+        (Decision::Retry { reason: policy::RetryReason::Timeout, .. }, Outcome::Retryable { status: None, .. }) => "timeout",
+        _ => decision.label(),
+    };
+    HandlerAnswered {
+        queue,
+        outcome: outcome_label,
+        elapsed: answer.elapsed,
+        status: answer.outcome.status(),
+        detail: &answer.detail,
+    }
+    .emit(&shared.metrics);
+    trace.record_decision(decision.label());
+    if !matches!(decision, Decision::Ack) {
+        trace.record_error(error_type(&answer.outcome));
+    }
+
+    match decision {
+        Decision::Ack => {
+            let ok = ack(shared, queue, delivery).await;
+            if ok {
+                MessageAcked { queue, attempt }.emit(&shared.metrics);
+            }
+            ok
+        }
+        Decision::Requeue => {
+            requeue(shared, queue, delivery, "app unreachable").await;
+            false
+        }
+        Decision::DeadLetter { reason } => {
+            dead_letter(sub, shared, publisher, delivery, attempt, reason, answer.outcome.status(), &answer.detail, trace).await
+        }
+        Decision::Retry { reason, delay } => {
+            let mut extra = FieldTable::default();
+            extra.insert(headers::ATTEMPTS.into(), AMQPValue::LongLongInt(i64::from(attempt)));
+            put_status(&mut extra, answer.outcome.status(), &answer.detail);
+            trace.inject_amqp(&mut extra);
+            match republish(publisher, &sub.spec.retry_queue, delivery, extra, Some(delay)).await {
+                Ok(()) => {
+                    RetryScheduled {
+                        queue,
+                        reason,
+                        attempt,
+                        delay,
+                        detail: &answer.detail,
+                    }
+                    .emit(&shared.metrics);
+                    ack(shared, queue, delivery).await
+                }
+                Err(error) => {
+                    RepublishFailed { queue, what: "retry", error: &error }.emit(&shared.metrics);
+                    hold_then_requeue(sub, shared, delivery, attempt).await;
+                    false
+                }
+            }
+        }
+    }
+}
+
+fn error_type(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Success { .. } => "",
+        Outcome::Rejected { .. } => "rejected",
+        Outcome::Retryable { reason, .. } => reason.as_str(),
+        Outcome::Unreachable => "unreachable",
+    }
+}
+
+fn put_status(extra: &mut FieldTable, status: Option<u16>, detail: &str) {
+    if let Some(status) = status {
+        extra.insert(headers::LAST_STATUS.into(), AMQPValue::LongInt(i32::from(status)));
+    }
+    if !detail.is_empty() {
+        extra.insert(headers::LAST_ERROR.into(), AMQPValue::LongString(LongString::from(detail)));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn dead_letter(
+    sub: &Subscription,
+    shared: &Shared,
+    publisher: &Channel,
+    delivery: &Delivery,
+    attempt: u32,
+    reason: DeadLetterReason,
+    status: Option<u16>,
+    detail: &str,
+    trace: &MessageTrace,
+) -> bool {
+    let queue = sub.queue();
+    let mut extra = FieldTable::default();
+    extra.insert(headers::DL_REASON.into(), AMQPValue::LongString(reason.as_str().into()));
+    extra.insert(headers::ATTEMPTS.into(), AMQPValue::LongLongInt(i64::from(attempt)));
+    extra.insert(headers::ORIGINAL_EXCHANGE.into(), AMQPValue::LongString(delivery.exchange.as_str().into()));
+    extra.insert(headers::ORIGINAL_ROUTING_KEY.into(), AMQPValue::LongString(delivery.routing_key.as_str().into()));
+    extra.insert(headers::ORIGINAL_QUEUE.into(), AMQPValue::LongString(queue.into()));
+    put_status(&mut extra, status, detail);
+    trace.inject_amqp(&mut extra);
+    match republish(publisher, &sub.spec.dead_letter_queue, delivery, extra, None).await {
+        Ok(()) => {
+            DeadLettered {
+                queue,
+                reason,
+                attempt,
+                dead_letter_queue: &sub.spec.dead_letter_queue,
+                detail,
+            }
+            .emit(&shared.metrics);
+            ack(shared, queue, delivery).await
+        }
+        Err(error) => {
+            RepublishFailed {
+                queue,
+                what: "dead_letter",
+                error: &error,
+            }
+            .emit(&shared.metrics);
+            hold_then_requeue(sub, shared, delivery, attempt).await;
+            false
+        }
+    }
+}
+
+/// Keeps a message whose copy failed for one backoff step before requeueing it, so a broken
+/// dead-letter or retry path does not become a hot loop. Shutdown cuts the wait short.
+async fn hold_then_requeue(sub: &Subscription, shared: &Shared, delivery: &Delivery, attempt: u32) {
+    let delay = policy::retry_delay(attempt, &sub.limits, 0.0);
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = shared.hard_stop.cancelled() => {}
+        _ = shared.shutdown.cancelled() => {}
+    }
+    requeue(shared, sub.queue(), delivery, "copy not confirmed").await;
+}
+
+/// Publishes a copy of `delivery` to `queue` (default exchange, mandatory, persistent) with the
+/// original properties and headers plus `extra`, and waits for the broker's confirm.
+async fn republish(
+    publisher: &Channel,
+    queue: &str,
+    delivery: &Delivery,
+    extra: FieldTable,
+    expiration: Option<Duration>,
+) -> Result<(), String> {
+    let mut table = delivery.properties.headers().clone().unwrap_or_default();
+    // The copy is a new message: the broker counts its deliveries afresh.
+    let mut inner = table.inner().clone();
+    inner.remove(&ShortString::from(headers::DELIVERY_COUNT));
+    table = FieldTable::from(inner);
+    for (k, v) in extra.inner() {
+        table.insert(k.clone(), v.clone());
+    }
+    let props = strip_expiration(delivery.properties.clone())
+        .with_headers(table)
+        .with_delivery_mode(2);
+    let props = match expiration {
+        Some(d) => props.with_expiration(d.as_millis().max(1).to_string().into()),
+        None => props,
+    };
+    let publish = async {
+        publisher
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &delivery.data,
+                props,
+            )
+            .await?
+            .await
+    };
+    match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
+        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+        Ok(Ok(Confirmation::Ack(Some(_)))) => Err(format!("queue {queue:?} does not exist: the copy was returned")),
+        Ok(Ok(Confirmation::Nack(_))) => Err("the broker refused the copy (nack)".into()),
+        Ok(Ok(Confirmation::NotRequested)) => Err("publisher confirms are off".into()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no confirm within {CONFIRM_TIMEOUT:?} (is the connection blocked?)")),
+    }
+}
+
+/// The original message's properties without an expiration (dead letters must not expire
+/// because their original had a TTL).
+fn strip_expiration(props: BasicProperties) -> BasicProperties {
+    let mut out = BasicProperties::default();
+    if let Some(v) = props.content_type() {
+        out = out.with_content_type(v.clone());
+    }
+    if let Some(v) = props.content_encoding() {
+        out = out.with_content_encoding(v.clone());
+    }
+    if let Some(v) = props.headers() {
+        out = out.with_headers(v.clone());
+    }
+    if let Some(v) = props.delivery_mode() {
+        out = out.with_delivery_mode(*v);
+    }
+    if let Some(v) = props.priority() {
+        out = out.with_priority(*v);
+    }
+    if let Some(v) = props.correlation_id() {
+        out = out.with_correlation_id(v.clone());
+    }
+    if let Some(v) = props.reply_to() {
+        out = out.with_reply_to(v.clone());
+    }
+    if let Some(v) = props.message_id() {
+        out = out.with_message_id(v.clone());
+    }
+    if let Some(v) = props.timestamp() {
+        out = out.with_timestamp(*v);
+    }
+    if let Some(v) = props.kind() {
+        out = out.with_type(v.clone());
+    }
+    if let Some(v) = props.user_id() {
+        out = out.with_user_id(v.clone());
+    }
+    if let Some(v) = props.app_id() {
+        out = out.with_app_id(v.clone());
+    }
+    if let Some(v) = props.cluster_id() {
+        out = out.with_cluster_id(v.clone());
+    }
+    out
+}
+

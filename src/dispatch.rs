@@ -1,0 +1,205 @@
+//! Hands a message to the app over HTTP and classifies the answer. Knows nothing of AMQP: it gets a
+//! body and headers and returns an [`Outcome`].
+//!
+//! "Unreachable" is reserved for "nothing listens": connection refused, or a connection reset
+//! before any answer *and* a fresh probe of the app failing too. A reset while the app still
+//! accepts connections is the message's fault (the app crashed or closed on it), so it is a
+//! retryable failure that spends an attempt: otherwise a message that kills the app would pause
+//! and resume the consumer forever.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::HeaderMap;
+use hyper::{Method, Request, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::policy::{Outcome, RetryReason};
+
+/// How much of an error answer's body is kept for the dead letter's `last error` header.
+const ERROR_BODY_LIMIT: usize = 512;
+
+/// The answer to one dispatch.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub outcome: Outcome,
+    pub elapsed: Duration,
+    /// A short, single-line description for logs and dead-letter headers: the start of an error
+    /// body, or what went wrong on the wire.
+    pub detail: String,
+}
+
+/// The HTTP client to the app, with its target and deadline.
+#[derive(Clone, Debug)]
+pub struct Dispatcher {
+    client: Client<HttpConnector, Full<Bytes>>,
+    target: Uri,
+    timeout: Duration,
+    probe: Prober,
+}
+
+impl Dispatcher {
+    pub fn new(target: Uri, timeout: Duration, health_url: Option<Uri>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        let probe = Prober::new(target.clone(), health_url, client.clone());
+        Dispatcher {
+            client,
+            target,
+            timeout,
+            probe,
+        }
+    }
+
+    pub fn target(&self) -> &Uri {
+        &self.target
+    }
+
+    pub fn prober(&self) -> &Prober {
+        &self.probe
+    }
+
+    /// POSTs `body` with `headers` to the target and waits at most the handler timeout.
+    pub async fn dispatch(&self, body: Bytes, headers: HeaderMap) -> Answer {
+        let started = Instant::now();
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri(self.target.clone())
+            .body(Full::new(body))
+            .expect("a valid URI and method always build a request");
+        *request.headers_mut() = headers;
+        let call = async {
+            match self.client.request(request).await {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let outcome = Outcome::from_status(status);
+                    let detail = if matches!(outcome, Outcome::Success { .. }) {
+                        // The answer is in the status; a huge body is neither read nor kept.
+                        String::new()
+                    } else {
+                        error_body(response.into_body()).await
+                    };
+                    (outcome, detail)
+                }
+                Err(e) if e.is_connect() => (Outcome::Unreachable, "connection refused".to_string()),
+                Err(e) => {
+                    let detail = format!("connection closed before an answer: {}", error_chain(&e));
+                    if self.probe.probe().await {
+                        (
+                            Outcome::Retryable {
+                                reason: RetryReason::ConnectionReset,
+                                status: None,
+                            },
+                            detail,
+                        )
+                    } else {
+                        (Outcome::Unreachable, detail)
+                    }
+                }
+            }
+        };
+        let (outcome, detail) = match tokio::time::timeout(self.timeout, call).await {
+            Ok(r) => r,
+            Err(_) => (
+                Outcome::Retryable {
+                    reason: RetryReason::Timeout,
+                    status: None,
+                },
+                format!("no answer within {:?}", self.timeout),
+            ),
+        };
+        Answer {
+            outcome,
+            elapsed: started.elapsed(),
+            detail,
+        }
+    }
+}
+
+async fn error_body(body: hyper::body::Incoming) -> String {
+    let mut body = body;
+    let mut buf = Vec::new();
+    let read = async {
+        while buf.len() < ERROR_BODY_LIMIT {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        buf.extend_from_slice(&data);
+                    }
+                }
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(500), read).await;
+    buf.truncate(ERROR_BODY_LIMIT);
+    single_line(&String::from_utf8_lossy(&buf))
+}
+
+fn single_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .trim()
+        .to_string()
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    single_line(&out)
+}
+
+/// Tells whether the app is up: a GET to its health URL answering 2xx, or, without one, a TCP
+/// connection to the target being accepted.
+#[derive(Clone, Debug)]
+pub struct Prober {
+    target: Uri,
+    health_url: Option<Uri>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Prober {
+    fn new(target: Uri, health_url: Option<Uri>, client: Client<HttpConnector, Full<Bytes>>) -> Self {
+        Prober {
+            target,
+            health_url,
+            client,
+        }
+    }
+
+    pub async fn probe(&self) -> bool {
+        let deadline = Duration::from_secs(2);
+        match &self.health_url {
+            Some(url) => {
+                let request = Request::get(url.clone())
+                    .body(Full::new(Bytes::new()))
+                    .expect("a valid URI always builds a request");
+                matches!(
+                    tokio::time::timeout(deadline, self.client.request(request)).await,
+                    Ok(Ok(r)) if r.status().is_success()
+                )
+            }
+            None => {
+                let host = self.target.host().unwrap_or("127.0.0.1").trim_matches(['[', ']']);
+                let port = self.target.port_u16().unwrap_or(80);
+                matches!(
+                    tokio::time::timeout(deadline, tokio::net::TcpStream::connect((host, port))).await,
+                    Ok(Ok(_))
+                )
+            }
+        }
+    }
+}

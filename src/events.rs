@@ -1,0 +1,311 @@
+//! Every observable event, one type each. Emitting an event writes its structured log line and
+//! moves its metrics in the same call, so logs and metrics cannot drift apart, and call sites stay
+//! one line: `MessageAcked { queue, attempt }.emit(&metrics)`.
+//!
+//! Events carry only bounded, secret-free data: queue names, broker nodes as `host:port`, enum
+//! reasons, numbers, and error texts from lapin or hyper (which never contain URIs).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tracing::{debug, error, info, warn};
+
+use crate::metrics::{CancelReason, LossReason, Metrics};
+use crate::policy::{DeadLetterReason, RetryReason};
+
+/// Something that happened, logged and counted in one step.
+pub trait Event {
+    fn emit(self, m: &Metrics);
+}
+
+fn now_seconds() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+pub struct Connected<'a> {
+    pub node: &'a str,
+    pub reconnect: bool,
+}
+
+impl Event for Connected<'_> {
+    fn emit(self, m: &Metrics) {
+        m.connection_up.set(1);
+        if self.reconnect {
+            m.reconnects.inc();
+            info!(node = self.node, "reconnected to the broker");
+        } else {
+            info!(node = self.node, "connected to the broker");
+        }
+    }
+}
+
+pub struct ConnectFailed<'a> {
+    pub node: &'a str,
+    pub error: &'a str,
+}
+
+impl Event for ConnectFailed<'_> {
+    fn emit(self, m: &Metrics) {
+        m.connect_failures.inc();
+        warn!(node = self.node, error = self.error, "could not connect to broker node");
+    }
+}
+
+pub struct ConnectionLost<'a> {
+    pub node: &'a str,
+    pub reason: LossReason,
+    pub error: &'a str,
+}
+
+impl Event for ConnectionLost<'_> {
+    fn emit(self, m: &Metrics) {
+        m.connection_up.set(0);
+        m.connection_blocked.set(0);
+        m.connection_losses.with_label_values(&[self.reason.as_str()]).inc();
+        warn!(node = self.node, reason = self.reason.as_str(), error = self.error, "lost the broker connection; reconnecting");
+    }
+}
+
+pub struct ConnectionBlocked<'a> {
+    pub blocked: bool,
+    pub reason: &'a str,
+}
+
+impl Event for ConnectionBlocked<'_> {
+    fn emit(self, m: &Metrics) {
+        m.connection_blocked.set(i64::from(self.blocked));
+        if self.blocked {
+            warn!(reason = self.reason, "the broker blocked the connection (resource alarm): publishing waits");
+        } else {
+            info!("the broker unblocked the connection");
+        }
+    }
+}
+
+pub struct ConsumerStarted<'a> {
+    pub queue: &'a str,
+    pub tag: &'a str,
+}
+
+impl Event for ConsumerStarted<'_> {
+    fn emit(self, m: &Metrics) {
+        m.consumer_up.with_label_values(&[self.queue]).set(1);
+        info!(queue = self.queue, consumer_tag = self.tag, "consuming");
+    }
+}
+
+pub struct ConsumerStopped<'a> {
+    pub queue: &'a str,
+    /// `None` when the consumer died with its channel or connection.
+    pub reason: Option<CancelReason>,
+}
+
+impl Event for ConsumerStopped<'_> {
+    fn emit(self, m: &Metrics) {
+        m.consumer_up.with_label_values(&[self.queue]).set(0);
+        m.consumer_active.with_label_values(&[self.queue]).set(0);
+        match self.reason {
+            Some(reason) => {
+                m.consumer_cancellations
+                    .with_label_values(&[self.queue, reason.as_str()])
+                    .inc();
+                match reason {
+                    CancelReason::Broker => warn!(queue = self.queue, "the broker cancelled the consumer; re-establishing it"),
+                    CancelReason::AppDown => warn!(queue = self.queue, "the app is unreachable: consumer cancelled so other replicas take the work"),
+                    CancelReason::Shutdown => info!(queue = self.queue, "consumer cancelled for shutdown"),
+                }
+            }
+            None => debug!(queue = self.queue, "consumer gone with its channel"),
+        }
+    }
+}
+
+pub struct MessageReceived<'a> {
+    pub queue: &'a str,
+    pub redelivered: bool,
+    pub attempt: u32,
+    /// From the message's timestamp property, when present.
+    pub age: Option<Duration>,
+}
+
+impl Event for MessageReceived<'_> {
+    fn emit(self, m: &Metrics) {
+        m.deliveries.with_label_values(&[self.queue]).inc();
+        if self.redelivered {
+            m.redeliveries.with_label_values(&[self.queue]).inc();
+        }
+        m.last_delivery.with_label_values(&[self.queue]).set(now_seconds());
+        if let Some(age) = self.age {
+            m.message_age.with_label_values(&[self.queue]).observe(age.as_secs_f64());
+        }
+        debug!(queue = self.queue, attempt = self.attempt, redelivered = self.redelivered, "message received");
+    }
+}
+
+pub struct HandlerAnswered<'a> {
+    pub queue: &'a str,
+    /// One of [`crate::metrics::HANDLER_OUTCOMES`].
+    pub outcome: &'static str,
+    pub elapsed: Duration,
+    pub status: Option<u16>,
+    pub detail: &'a str,
+}
+
+impl Event for HandlerAnswered<'_> {
+    fn emit(self, m: &Metrics) {
+        m.handler_duration
+            .with_label_values(&[self.queue, self.outcome])
+            .observe(self.elapsed.as_secs_f64());
+        debug!(
+            queue = self.queue,
+            outcome = self.outcome,
+            status = self.status,
+            elapsed_ms = self.elapsed.as_millis() as u64,
+            detail = self.detail,
+            "app answered"
+        );
+    }
+}
+
+pub struct MessageAcked<'a> {
+    pub queue: &'a str,
+    pub attempt: u32,
+}
+
+impl Event for MessageAcked<'_> {
+    fn emit(self, m: &Metrics) {
+        m.acks.with_label_values(&[self.queue]).inc();
+        m.last_ack.with_label_values(&[self.queue]).set(now_seconds());
+        m.delivery_attempts
+            .with_label_values(&[self.queue])
+            .observe(f64::from(self.attempt));
+        debug!(queue = self.queue, attempt = self.attempt, "acked");
+    }
+}
+
+pub struct MessageRequeued<'a> {
+    pub queue: &'a str,
+    pub why: &'static str,
+}
+
+impl Event for MessageRequeued<'_> {
+    fn emit(self, m: &Metrics) {
+        m.nacks.with_label_values(&[self.queue, "true"]).inc();
+        info!(queue = self.queue, why = self.why, "message returned to the queue");
+    }
+}
+
+pub struct RetryScheduled<'a> {
+    pub queue: &'a str,
+    pub reason: RetryReason,
+    pub attempt: u32,
+    pub delay: Duration,
+    pub detail: &'a str,
+}
+
+impl Event for RetryScheduled<'_> {
+    fn emit(self, m: &Metrics) {
+        m.retries
+            .with_label_values(&[self.queue, self.reason.as_str()])
+            .inc();
+        m.last_ack.with_label_values(&[self.queue]).set(now_seconds());
+        info!(
+            queue = self.queue,
+            reason = self.reason.as_str(),
+            attempt = self.attempt,
+            delay_ms = self.delay.as_millis() as u64,
+            detail = self.detail,
+            "retry scheduled"
+        );
+    }
+}
+
+pub struct DeadLettered<'a> {
+    pub queue: &'a str,
+    pub reason: DeadLetterReason,
+    pub attempt: u32,
+    pub dead_letter_queue: &'a str,
+    pub detail: &'a str,
+}
+
+impl Event for DeadLettered<'_> {
+    fn emit(self, m: &Metrics) {
+        m.dead_letters
+            .with_label_values(&[self.queue, self.reason.as_str()])
+            .inc();
+        m.last_ack.with_label_values(&[self.queue]).set(now_seconds());
+        m.delivery_attempts
+            .with_label_values(&[self.queue])
+            .observe(f64::from(self.attempt));
+        warn!(
+            queue = self.queue,
+            reason = self.reason.as_str(),
+            attempt = self.attempt,
+            dead_letter_queue = self.dead_letter_queue,
+            detail = self.detail,
+            "message dead-lettered"
+        );
+    }
+}
+
+pub struct RepublishFailed<'a> {
+    pub queue: &'a str,
+    /// `dead_letter` or `retry`.
+    pub what: &'static str,
+    pub error: &'a str,
+}
+
+impl Event for RepublishFailed<'_> {
+    fn emit(self, m: &Metrics) {
+        if self.what == "dead_letter" {
+            m.dead_letter_failures.with_label_values(&[self.queue]).inc();
+        }
+        error!(queue = self.queue, what = self.what, error = self.error, "the broker did not confirm the copy; the original goes back to the queue");
+    }
+}
+
+pub struct SettleFailed<'a> {
+    pub queue: &'a str,
+    pub error: &'a str,
+}
+
+impl Event for SettleFailed<'_> {
+    fn emit(self, _m: &Metrics) {
+        warn!(queue = self.queue, error = self.error, "could not settle a message (its channel is gone); the broker will redeliver it");
+    }
+}
+
+pub struct AppAvailability {
+    pub up: bool,
+}
+
+impl Event for AppAvailability {
+    fn emit(self, m: &Metrics) {
+        m.app_up.set(i64::from(self.up));
+        if self.up {
+            info!("the app answers again: resuming consumption");
+        } else {
+            warn!("the app is unreachable: pausing consumption and probing it");
+        }
+    }
+}
+
+pub struct AckTimeoutWarning<'a> {
+    pub queue: &'a str,
+    pub age: Duration,
+    pub timeout: Duration,
+}
+
+impl Event for AckTimeoutWarning<'_> {
+    fn emit(self, m: &Metrics) {
+        m.ack_timeout_warnings.with_label_values(&[self.queue]).inc();
+        warn!(
+            queue = self.queue,
+            age_s = self.age.as_secs(),
+            timeout_s = self.timeout.as_secs(),
+            "a message has been in flight for over 80% of the broker's delivery-acknowledgement timeout; the broker will close the channel when it is reached"
+        );
+    }
+}

@@ -1,0 +1,243 @@
+//! The one mapping between AMQP message properties and HTTP request headers, and the headers the
+//! sidecar itself writes on messages it republishes (retries and dead letters).
+//!
+//! | AMQP                          | HTTP header                       |
+//! |-------------------------------|-----------------------------------|
+//! | content-type                  | `Content-Type` (default `application/octet-stream`) |
+//! | content-encoding              | `Content-Encoding`                |
+//! | message-id                    | `X-Amqp-Message-Id`               |
+//! | correlation-id                | `X-Amqp-Correlation-Id`           |
+//! | reply-to                      | `X-Amqp-Reply-To`                 |
+//! | type                          | `X-Amqp-Type`                     |
+//! | app-id                        | `X-Amqp-App-Id`                   |
+//! | user-id                       | `X-Amqp-User-Id`                  |
+//! | timestamp                     | `X-Amqp-Timestamp` (unix seconds) |
+//! | priority                      | `X-Amqp-Priority`                 |
+//! | exchange, routing key         | `X-Amqp-Exchange`, `X-Amqp-Routing-Key` |
+//! | consumed queue                | `X-Amqp-Queue`                    |
+//! | redelivered flag              | `X-Amqp-Redelivered` (`true`/`false`) |
+//! | attempt number (1-based)      | `X-Amqp-Attempt`                  |
+//! | header `name` (string, number, boolean, timestamp) | `X-Amqp-Header-name` |
+//!
+//! A user header whose name is not a valid HTTP token or whose value cannot be an HTTP header value
+//! (tables, arrays, byte arrays, control characters, over 8 KiB) is left out rather than mangled;
+//! the body and the message are untouched either way. `traceparent`/`tracestate` are not copied:
+//! the trace module writes the app's own context.
+
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable};
+
+/// Header names the sidecar writes on republished copies.
+pub const ATTEMPTS: &str = "x-sidecar-attempts";
+pub const LAST_STATUS: &str = "x-sidecar-last-status";
+pub const LAST_ERROR: &str = "x-sidecar-last-error";
+pub const DL_REASON: &str = "x-sidecar-dead-letter-reason";
+pub const ORIGINAL_EXCHANGE: &str = "x-sidecar-original-exchange";
+pub const ORIGINAL_ROUTING_KEY: &str = "x-sidecar-original-routing-key";
+pub const ORIGINAL_QUEUE: &str = "x-sidecar-original-queue";
+/// Set by quorum queues on redelivery.
+pub const DELIVERY_COUNT: &str = "x-delivery-count";
+
+const MAX_VALUE_LEN: usize = 8 * 1024;
+
+/// What the consumer knows about a delivery that the app should see.
+#[derive(Debug, Clone, Copy)]
+pub struct DeliveryInfo<'a> {
+    pub queue: &'a str,
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub redelivered: bool,
+    pub attempt: u32,
+    pub properties: &'a BasicProperties,
+}
+
+/// Builds the HTTP headers for a delivery. Never fails: what cannot be mapped is left out.
+pub fn to_http(info: &DeliveryInfo<'_>) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let p = info.properties;
+    let content_type = p
+        .content_type()
+        .as_ref()
+        .and_then(|ct| HeaderValue::from_str(ct.as_str()).ok())
+        .unwrap_or(HeaderValue::from_static("application/octet-stream"));
+    h.insert(hyper::header::CONTENT_TYPE, content_type);
+    let mut put = |name: &'static str, value: Option<&str>| {
+        if let Some(v) = value.and_then(header_value) {
+            h.insert(HeaderName::from_static(name), v);
+        }
+    };
+    put("content-encoding", p.content_encoding().as_ref().map(|s| s.as_str()));
+    put("x-amqp-message-id", p.message_id().as_ref().map(|s| s.as_str()));
+    put("x-amqp-correlation-id", p.correlation_id().as_ref().map(|s| s.as_str()));
+    put("x-amqp-reply-to", p.reply_to().as_ref().map(|s| s.as_str()));
+    put("x-amqp-type", p.kind().as_ref().map(|s| s.as_str()));
+    put("x-amqp-app-id", p.app_id().as_ref().map(|s| s.as_str()));
+    put("x-amqp-user-id", p.user_id().as_ref().map(|s| s.as_str()));
+    put("x-amqp-timestamp", p.timestamp().map(|t| t.to_string()).as_deref());
+    put("x-amqp-priority", p.priority().map(|t| t.to_string()).as_deref());
+    put("x-amqp-exchange", Some(info.exchange));
+    put("x-amqp-routing-key", Some(info.routing_key));
+    put("x-amqp-queue", Some(info.queue));
+    put("x-amqp-redelivered", Some(if info.redelivered { "true" } else { "false" }));
+    put("x-amqp-attempt", Some(&info.attempt.to_string()));
+    if let Some(table) = p.headers() {
+        for (name, value) in table.inner() {
+            let name = name.as_str();
+            if name.eq_ignore_ascii_case("traceparent") || name.eq_ignore_ascii_case("tracestate") {
+                continue;
+            }
+            let Ok(header) = HeaderName::from_bytes(format!("x-amqp-header-{name}").as_bytes()) else {
+                continue;
+            };
+            if let Some(v) = scalar_text(value).as_deref().and_then(header_value) {
+                h.append(header, v);
+            }
+        }
+    }
+    h
+}
+
+fn header_value(s: &str) -> Option<HeaderValue> {
+    if s.len() > MAX_VALUE_LEN {
+        return None;
+    }
+    // HeaderValue::from_str refuses control characters; obs-text (non-ASCII) is refused too, to
+    // keep what the app sees unambiguous UTF-8-free ASCII.
+    if !s.is_ascii() {
+        return None;
+    }
+    HeaderValue::from_str(s).ok()
+}
+
+/// The text of a scalar AMQP value; `None` for tables, arrays, bytes and void.
+pub fn scalar_text(value: &AMQPValue) -> Option<String> {
+    Some(match value {
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(v) => v.to_string(),
+        AMQPValue::ShortShortUInt(v) => v.to_string(),
+        AMQPValue::ShortInt(v) => v.to_string(),
+        AMQPValue::ShortUInt(v) => v.to_string(),
+        AMQPValue::LongInt(v) => v.to_string(),
+        AMQPValue::LongUInt(v) => v.to_string(),
+        AMQPValue::LongLongInt(v) => v.to_string(),
+        AMQPValue::Float(v) => v.to_string(),
+        AMQPValue::Double(v) => v.to_string(),
+        AMQPValue::Timestamp(v) => v.to_string(),
+        AMQPValue::ShortString(s) => s.as_str().to_string(),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.to_string(),
+        _ => return None,
+    })
+}
+
+/// An integer header value of any AMQP integer type.
+pub fn int_header(headers: Option<&FieldTable>, name: &str) -> Option<u64> {
+    let value = headers?.inner().get(name)?;
+    match value {
+        AMQPValue::ShortShortInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::ShortShortUInt(v) => Some(u64::from(*v)),
+        AMQPValue::ShortInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::ShortUInt(v) => Some(u64::from(*v)),
+        AMQPValue::LongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::LongUInt(v) => Some(u64::from(*v)),
+        AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::Timestamp(v) => Some(*v),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.trim().parse().ok(),
+        AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// Attempts already spent on this message before this delivery: the failed attempts the sidecar
+/// recorded on a retried copy, plus the broker's redeliveries of this copy (quorum queues count them
+/// in `x-delivery-count`; a redelivery means a consumer died or lost its channel while holding it).
+pub fn prior_attempts(headers: Option<&FieldTable>) -> u32 {
+    let recorded = int_header(headers, ATTEMPTS).unwrap_or(0);
+    let redelivered = int_header(headers, DELIVERY_COUNT).unwrap_or(0);
+    recorded.saturating_add(redelivered).min(u32::MAX as u64) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{ByteArray, FieldArray, LongString, ShortString};
+
+    fn info(props: &BasicProperties) -> DeliveryInfo<'_> {
+        DeliveryInfo {
+            queue: "orders",
+            exchange: "shop",
+            routing_key: "order.created",
+            redelivered: true,
+            attempt: 2,
+            properties: props,
+        }
+    }
+
+    #[test]
+    fn properties_and_string_headers_become_http_headers() {
+        let mut table = FieldTable::default();
+        table.insert("tenant".into(), AMQPValue::LongString("acme".into()));
+        table.insert("retries".into(), AMQPValue::LongInt(3));
+        table.insert("flag".into(), AMQPValue::Boolean(true));
+        table.insert("traceparent".into(), AMQPValue::LongString("00-x".into()));
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id("m-1".into())
+            .with_correlation_id("c-1".into())
+            .with_timestamp(1_700_000_000)
+            .with_headers(table);
+        let h = to_http(&info(&props));
+        assert_eq!(h["content-type"], "application/json");
+        assert_eq!(h["x-amqp-message-id"], "m-1");
+        assert_eq!(h["x-amqp-correlation-id"], "c-1");
+        assert_eq!(h["x-amqp-timestamp"], "1700000000");
+        assert_eq!(h["x-amqp-exchange"], "shop");
+        assert_eq!(h["x-amqp-routing-key"], "order.created");
+        assert_eq!(h["x-amqp-queue"], "orders");
+        assert_eq!(h["x-amqp-redelivered"], "true");
+        assert_eq!(h["x-amqp-attempt"], "2");
+        assert_eq!(h["x-amqp-header-tenant"], "acme");
+        assert_eq!(h["x-amqp-header-retries"], "3");
+        assert_eq!(h["x-amqp-header-flag"], "true");
+        assert!(h.get("x-amqp-header-traceparent").is_none());
+    }
+
+    #[test]
+    fn unmappable_headers_are_left_out_not_fatal() {
+        let mut nested = FieldTable::default();
+        nested.insert("a".into(), AMQPValue::LongInt(1));
+        let mut table = FieldTable::default();
+        table.insert("nested".into(), AMQPValue::FieldTable(nested));
+        table.insert("list".into(), AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::Boolean(true)])));
+        table.insert("bytes".into(), AMQPValue::ByteArray(ByteArray::from(vec![0u8, 255])));
+        table.insert("bad name".into(), AMQPValue::LongString("x".into()));
+        table.insert("ctl".into(), AMQPValue::LongString("a\r\nInjected: 1".into()));
+        table.insert("latin1".into(), AMQPValue::LongString(LongString::from(vec![0xe9u8, 0xff])));
+        table.insert("huge".into(), AMQPValue::LongString("x".repeat(100_000).into()));
+        table.insert(ShortString::from("ok"), AMQPValue::ShortString("fine".into()));
+        let props = BasicProperties::default()
+            .with_content_type("not a\nvalid type".into())
+            .with_headers(table);
+        let h = to_http(&info(&props));
+        assert_eq!(h["content-type"], "application/octet-stream");
+        assert_eq!(h["x-amqp-header-ok"], "fine");
+        for gone in ["nested", "list", "bytes", "ctl", "latin1", "huge"] {
+            assert!(h.get(format!("x-amqp-header-{gone}")).is_none(), "{gone}");
+        }
+        assert!(h.get("injected").is_none());
+    }
+
+    #[test]
+    fn attempts_count_sidecar_retries_and_broker_redeliveries() {
+        assert_eq!(prior_attempts(None), 0);
+        let mut t = FieldTable::default();
+        t.insert(ATTEMPTS.into(), AMQPValue::LongInt(2));
+        assert_eq!(prior_attempts(Some(&t)), 2);
+        t.insert(DELIVERY_COUNT.into(), AMQPValue::LongLongInt(3));
+        assert_eq!(prior_attempts(Some(&t)), 5);
+        t.insert(ATTEMPTS.into(), AMQPValue::LongString("garbage".into()));
+        assert_eq!(prior_attempts(Some(&t)), 3);
+        t.insert(DELIVERY_COUNT.into(), AMQPValue::LongInt(-7));
+        assert_eq!(prior_attempts(Some(&t)), 0);
+    }
+}

@@ -1,0 +1,101 @@
+//! The RabbitMQ management API, asked one question: is this consumer tag the queue's active
+//! consumer? (`consumer_details[].active` of `GET /api/queues/{vhost}/{queue}`.) Credentials come
+//! from the URL's user info and are sent as basic auth; they never appear in logs.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::{Request, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+#[derive(Debug, Clone)]
+pub struct Management {
+    base: String,
+    authorization: Option<String>,
+    vhost: String,
+    client: Client<HttpConnector, Empty<Bytes>>,
+}
+
+impl Management {
+    pub fn new(url: Uri) -> Management {
+        let authority = url.authority().map(|a| a.as_str()).unwrap_or("");
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let authorization = userinfo.map(|u| format!("Basic {}", base64(u.as_bytes())));
+        Management {
+            base: format!("{}://{hostport}{}", url.scheme_str().unwrap_or("http"), url.path().trim_end_matches('/')),
+            authorization,
+            vhost: "%2F".into(),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// Whether `tag` is the active consumer of `queue`; `None` when the API cannot tell.
+    pub async fn consumer_active(&self, queue: &str, tag: &str) -> Option<bool> {
+        let url = format!("{}/api/queues/{}/{}", self.base, self.vhost, percent_encode(queue));
+        let mut req = Request::get(url).body(Empty::new()).ok()?;
+        if let Some(auth) = &self.authorization {
+            req.headers_mut().insert(hyper::header::AUTHORIZATION, auth.parse().ok()?);
+        }
+        let resp = tokio::time::timeout(Duration::from_secs(3), self.client.request(req))
+            .await
+            .ok()?
+            .ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        let body = Limited::new(resp.into_body(), 4 << 20).collect().await.ok()?.to_bytes();
+        let doc: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        doc.get("consumer_details")?
+            .as_array()?
+            .iter()
+            .find(|c| c.get("consumer_tag").and_then(|t| t.as_str()) == Some(tag))
+            .and_then(|c| c.get("active").and_then(|a| a.as_bool()))
+    }
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn base64(input: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in input.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes() {
+        assert_eq!(base64(b"guest:guest"), "Z3Vlc3Q6Z3Vlc3Q=");
+        assert_eq!(base64(b"a"), "YQ==");
+        assert_eq!(percent_encode("a b/c"), "a%20b%2Fc");
+    }
+}

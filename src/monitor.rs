@@ -1,0 +1,94 @@
+//! Periodic observations: the gauges that are a function of time (in-flight, oldest unacked age,
+//! readiness), the delivery-ack timeout warning, and the queue's depth and consumer count polled
+//! from the broker, from which "active or standby" is decided.
+//!
+//! Active/standby rule (AMQP 0-9-1 does not tell a consumer whether it is the single active one):
+//! with `--management-url`, the management API's `consumers` list for the queue says whether this
+//! consumer tag is `active`. Without it, a consumer is active when it is not single-active, or when
+//! it is the queue's only consumer, holds messages, or received one within the last two poll
+//! intervals; otherwise it is standby.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Sessions, queue_stats};
+use crate::config::Config;
+use crate::events::{AckTimeoutWarning, Event};
+use crate::health::{Health, State};
+use crate::management::Management;
+use crate::metrics::Metrics;
+
+/// Sets the time-derived gauges from the health state. Also called on every scrape.
+pub fn refresh(metrics: &Metrics, health: &Health, queues: &[String]) {
+    for q in queues {
+        metrics
+            .in_flight
+            .with_label_values(&[q])
+            .set(health.in_flight(q) as i64);
+        metrics
+            .oldest_unacked_age
+            .with_label_values(&[q])
+            .set(health.oldest_unacked_age(q).as_secs_f64());
+    }
+    metrics.ready.set(i64::from(health.readiness().ok));
+}
+
+pub async fn run(
+    config: Arc<Config>,
+    queues: Vec<String>,
+    metrics: Metrics,
+    health: Arc<Health>,
+    sessions: Sessions,
+    stop: CancellationToken,
+) {
+    metrics
+        .consumer_timeout
+        .set(config.consumer_timeout.as_secs_f64());
+    let warn_at = config.consumer_timeout.mul_f64(0.8);
+    let management = config.management_url.clone().map(Management::new);
+    let mut fast = tokio::time::interval(Duration::from_secs(1));
+    let mut slow = tokio::time::interval(config.queue_poll_interval);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = fast.tick() => {
+                refresh(&metrics, &health, &queues);
+                for overdue in health.take_overdue(warn_at) {
+                    AckTimeoutWarning { queue: &overdue.queue, age: overdue.age, timeout: config.consumer_timeout }.emit(&metrics);
+                }
+            }
+            _ = slow.tick() => {
+                let session = sessions.borrow().clone();
+                let Some(session) = session else { continue };
+                for q in &queues {
+                    let consumers = match queue_stats(&session.connection, q).await {
+                        Ok((ready, consumers)) => {
+                            metrics.queue_messages_ready.with_label_values(&[q]).set(i64::from(ready));
+                            metrics.queue_consumers.with_label_values(&[q]).set(i64::from(consumers));
+                            Some(i64::from(consumers))
+                        }
+                        Err(e) => {
+                            tracing::debug!(queue = %q, error = %e, "queue poll failed");
+                            None
+                        }
+                    };
+                    let active = match (&management, health.status().subscriptions.iter().find(|s| &s.queue == q).and_then(|s| s.consumer_tag.clone())) {
+                        (Some(api), Some(tag)) => match api.consumer_active(q, &tag).await {
+                            Some(active) => active,
+                            None => health.infer_active(q, config.single_active_consumer, consumers, config.queue_poll_interval * 2),
+                        },
+                        _ => health.infer_active(q, config.single_active_consumer, consumers, config.queue_poll_interval * 2),
+                    };
+                    metrics.consumer_active.with_label_values(&[q]).set(i64::from(active));
+                    match health.state(q) {
+                        Some(State::Consuming) if !active => health.set_state(q, State::Standby),
+                        Some(State::Standby) if active => health.set_state(q, State::Consuming),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! The decision: what to do with a message given what the app answered and how many times it has
+//! been tried. A pure function of its inputs, so the whole failure policy is one table in the tests.
+//!
+//! | app's answer                         | attempt < max            | attempt ≥ max                 |
+//! |--------------------------------------|--------------------------|-------------------------------|
+//! | 2xx                                  | ack                      | ack                           |
+//! | 4xx except 408, 429                  | dead-letter (`rejected`) | dead-letter (`rejected`)      |
+//! | 5xx, 408, 429, timeout, reset        | retry after backoff      | dead-letter (`max_deliveries`)|
+//! | unreachable (connect refused)        | return to queue, pause   | return to queue, pause        |
+//!
+//! "Unreachable" never spends an attempt: the app is down, not the message.
+
+use std::time::Duration;
+
+/// What the app's answer (or its absence) was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// 2xx.
+    Success { status: u16 },
+    /// A 4xx other than 408 and 429: the app will never accept this message.
+    Rejected { status: u16 },
+    /// The app may accept the message later.
+    Retryable {
+        reason: RetryReason,
+        status: Option<u16>,
+    },
+    /// Nothing listens at the target: the app is down.
+    Unreachable,
+}
+
+impl Outcome {
+    /// Classifies an HTTP status code.
+    pub fn from_status(status: u16) -> Outcome {
+        match status {
+            200..=299 => Outcome::Success { status },
+            408 => Outcome::Retryable {
+                reason: RetryReason::Timeout,
+                status: Some(status),
+            },
+            429 => Outcome::Retryable {
+                reason: RetryReason::Throttled,
+                status: Some(status),
+            },
+            400..=499 => Outcome::Rejected { status },
+            // 1xx/3xx are not answers a handler should give: retry rather than lose the message.
+            _ => Outcome::Retryable {
+                reason: RetryReason::ServerError,
+                status: Some(status),
+            },
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match *self {
+            Outcome::Success { status } | Outcome::Rejected { status } => Some(status),
+            Outcome::Retryable { status, .. } => status,
+            Outcome::Unreachable => None,
+        }
+    }
+}
+
+/// Why a retry was scheduled. The label values of `rabbit_sidecar_retries_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryReason {
+    ServerError,
+    Timeout,
+    Throttled,
+    ConnectionReset,
+}
+
+impl RetryReason {
+    pub const ALL: [RetryReason; 4] = [
+        RetryReason::ServerError,
+        RetryReason::Timeout,
+        RetryReason::Throttled,
+        RetryReason::ConnectionReset,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryReason::ServerError => "server_error",
+            RetryReason::Timeout => "timeout",
+            RetryReason::Throttled => "throttled",
+            RetryReason::ConnectionReset => "connection_reset",
+        }
+    }
+}
+
+/// Why a message was dead-lettered. The label values of `rabbit_sidecar_dead_letters_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    Rejected,
+    MaxDeliveries,
+}
+
+impl DeadLetterReason {
+    pub const ALL: [DeadLetterReason; 2] = [DeadLetterReason::Rejected, DeadLetterReason::MaxDeliveries];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::Rejected => "rejected",
+            DeadLetterReason::MaxDeliveries => "max_deliveries",
+        }
+    }
+}
+
+/// What to do with the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Ack,
+    /// Park a copy for `delay`, then try again; `attempt` failed attempts are recorded on it.
+    Retry { reason: RetryReason, delay: Duration },
+    DeadLetter { reason: DeadLetterReason },
+    /// Give the message back to the broker untouched and pause: the app is down.
+    Requeue,
+}
+
+impl Decision {
+    /// The label value of `rabbit_sidecar_handler_duration_seconds{outcome}` for a decision.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Decision::Ack => "ack",
+            Decision::Retry { .. } => "retry",
+            Decision::DeadLetter { .. } => "dead_letter",
+            Decision::Requeue => "unreachable",
+        }
+    }
+}
+
+/// The limits the policy applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_deliveries: u32,
+    pub backoff: Duration,
+    pub backoff_max: Duration,
+}
+
+/// Decides the fate of a message on its `attempt`-th try (1-based). `jitter` in `[0, 1)` spreads
+/// retries of messages that failed together.
+pub fn decide(outcome: Outcome, attempt: u32, limits: &Limits, jitter: f64) -> Decision {
+    match outcome {
+        Outcome::Success { .. } => Decision::Ack,
+        Outcome::Rejected { .. } => Decision::DeadLetter {
+            reason: DeadLetterReason::Rejected,
+        },
+        Outcome::Unreachable => Decision::Requeue,
+        Outcome::Retryable { .. } if attempt >= limits.max_deliveries => Decision::DeadLetter {
+            reason: DeadLetterReason::MaxDeliveries,
+        },
+        Outcome::Retryable { reason, .. } => Decision::Retry {
+            reason,
+            delay: retry_delay(attempt, limits, jitter),
+        },
+    }
+}
+
+/// Whether a message must be dead-lettered before it is even offered to the app: it has already
+/// been delivered more often than allowed without a decision (the sidecar died holding it).
+pub fn exhausted_on_arrival(attempt: u32, limits: &Limits) -> bool {
+    attempt > limits.max_deliveries
+}
+
+/// `backoff × 2^(attempt-1)`, plus up to 20 % jitter, never above `backoff_max`. Jitter only ever
+/// lengthens the delay, so no retry comes sooner than its exponential step.
+pub fn retry_delay(attempt: u32, limits: &Limits, jitter: f64) -> Duration {
+    let exp = attempt.saturating_sub(1).min(30);
+    let base = limits
+        .backoff
+        .saturating_mul(1u32 << exp)
+        .min(limits.backoff_max);
+    let jitter = jitter.clamp(0.0, 1.0);
+    base.mul_f64(1.0 + 0.2 * jitter).min(limits.backoff_max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_deliveries: 3,
+        backoff: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(10),
+    };
+
+    fn retry(reason: RetryReason, secs: u64) -> Decision {
+        Decision::Retry {
+            reason,
+            delay: Duration::from_secs(secs),
+        }
+    }
+
+    #[test]
+    fn decision_table() {
+        use DeadLetterReason::*;
+        use RetryReason::*;
+        let dl = |reason| Decision::DeadLetter { reason };
+        let cases: &[(Outcome, u32, Decision)] = &[
+            (Outcome::from_status(200), 1, Decision::Ack),
+            (Outcome::from_status(204), 3, Decision::Ack),
+            (Outcome::from_status(299), 9, Decision::Ack),
+            (Outcome::from_status(400), 1, dl(Rejected)),
+            (Outcome::from_status(404), 2, dl(Rejected)),
+            (Outcome::from_status(422), 3, dl(Rejected)),
+            (Outcome::from_status(408), 1, retry(Timeout, 1)),
+            (Outcome::from_status(429), 2, retry(Throttled, 2)),
+            (Outcome::from_status(500), 1, retry(ServerError, 1)),
+            (Outcome::from_status(503), 2, retry(ServerError, 2)),
+            (Outcome::from_status(500), 3, dl(MaxDeliveries)),
+            (Outcome::from_status(429), 4, dl(MaxDeliveries)),
+            (Outcome::from_status(302), 1, retry(ServerError, 1)),
+            (Outcome::Retryable { reason: Timeout, status: None }, 1, retry(Timeout, 1)),
+            (Outcome::Retryable { reason: Timeout, status: None }, 3, dl(MaxDeliveries)),
+            (Outcome::Retryable { reason: ConnectionReset, status: None }, 2, retry(ConnectionReset, 2)),
+            (Outcome::Unreachable, 1, Decision::Requeue),
+            (Outcome::Unreachable, 3, Decision::Requeue),
+            (Outcome::Unreachable, 99, Decision::Requeue),
+        ];
+        for (outcome, attempt, want) in cases {
+            assert_eq!(decide(*outcome, *attempt, &LIMITS, 0.0), *want, "{outcome:?} attempt {attempt}");
+        }
+    }
+
+    #[test]
+    fn backoff_grows_caps_and_never_shrinks_with_jitter() {
+        let d = |a, j| retry_delay(a, &LIMITS, j);
+        assert_eq!(d(1, 0.0), Duration::from_secs(1));
+        assert_eq!(d(2, 0.0), Duration::from_secs(2));
+        assert_eq!(d(3, 0.0), Duration::from_secs(4));
+        assert_eq!(d(5, 0.0), Duration::from_secs(10));
+        assert_eq!(d(40, 0.99), Duration::from_secs(10));
+        assert_eq!(d(1, 0.5), Duration::from_millis(1100));
+        for attempt in 1..10 {
+            for j in [0.0, 0.3, 0.999] {
+                assert!(d(attempt, j) >= d(attempt, 0.0));
+                assert!(d(attempt, j) <= LIMITS.backoff_max);
+            }
+        }
+    }
+
+    #[test]
+    fn arrival_guard_bounds_crash_loops() {
+        assert!(!exhausted_on_arrival(3, &LIMITS));
+        assert!(exhausted_on_arrival(4, &LIMITS));
+    }
+}

@@ -1,0 +1,121 @@
+//! The supervisor: builds the pieces from the configuration, starts them, and on shutdown drains
+//! in order: stop taking messages, let in-flight messages finish within `--shutdown-grace`,
+//! return the rest to the queue, close the connection, stop.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, Admin};
+use crate::broker;
+use crate::config::Config;
+use crate::consumer::{self, Shared, Subscription};
+use crate::dispatch::Dispatcher;
+use crate::gate::AppGate;
+use crate::health::{Health, State};
+use crate::metrics::Metrics;
+use crate::monitor;
+use crate::policy::Limits;
+use crate::topology::QueueSpec;
+
+/// Runs the sidecar until `shutdown` is cancelled, then drains. The admin server is served on
+/// `admin_listener` (bind it first, so tests can use port 0).
+pub async fn run(config: Config, admin_listener: std::net::TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+    let config = Arc::new(config);
+    let queues = vec![config.queue.clone()];
+    let queue_refs: Vec<&str> = queues.iter().map(String::as_str).collect();
+    let metrics = Metrics::new(&queue_refs);
+    let health = Arc::new(Health::new(&queue_refs, config.handler_timeout));
+
+    let admin_stop = CancellationToken::new();
+    let admin_thread = admin::spawn(
+        admin_listener,
+        Admin {
+            metrics: metrics.clone(),
+            health: health.clone(),
+            queues: queues.clone(),
+        },
+        admin_stop.clone(),
+    )?;
+
+    let (sessions_tx, sessions) = watch::channel(None);
+    let broker_stop = CancellationToken::new();
+    let broker_task = tokio::spawn(broker::run(
+        config.clone(),
+        metrics.clone(),
+        health.clone(),
+        sessions_tx,
+        broker_stop.clone(),
+    ));
+    let monitor_stop = CancellationToken::new();
+    let monitor_task = tokio::spawn(monitor::run(
+        config.clone(),
+        queues.clone(),
+        metrics.clone(),
+        health.clone(),
+        sessions.clone(),
+        monitor_stop.clone(),
+    ));
+
+    let dispatcher = Dispatcher::new(config.target_url.clone(), config.handler_timeout, config.app_health_url.clone());
+    let shared = Shared {
+        metrics: metrics.clone(),
+        health: health.clone(),
+        gate: AppGate::new(
+            dispatcher.prober().clone(),
+            config.app_probe_interval,
+            metrics.clone(),
+            health.clone(),
+            shutdown.clone(),
+        ),
+        shutdown: shutdown.clone(),
+        hard_stop: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+    };
+    let subscription = Arc::new(Subscription::new(
+        QueueSpec {
+            queue: config.queue.clone(),
+            retry_queue: config.retry_queue.clone(),
+            dead_letter_queue: config.dead_letter_queue.clone(),
+            declare: config.declare,
+            queue_type: config.queue_type,
+            single_active_consumer: config.single_active_consumer,
+        },
+        config.prefetch,
+        config.concurrency,
+        Limits {
+            max_deliveries: config.max_deliveries,
+            backoff: config.retry_backoff,
+            backoff_max: config.retry_backoff_max,
+        },
+        dispatcher,
+    ));
+    let loops = vec![tokio::spawn(consumer::run(subscription, shared.clone(), sessions.clone()))];
+
+    shutdown.cancelled().await;
+    tracing::info!(grace_s = config.shutdown_grace.as_secs_f64(), "shutting down: no new messages; waiting for in-flight ones");
+    health.set_draining();
+    for l in loops {
+        let _ = l.await;
+    }
+    shared.tasks.close();
+    if tokio::time::timeout(config.shutdown_grace, shared.tasks.wait()).await.is_err() {
+        tracing::warn!("shutdown grace over: returning unfinished messages to the queue");
+        shared.hard_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), shared.tasks.wait()).await;
+    }
+    for q in &queues {
+        health.set_state(q, State::Stopped);
+    }
+    broker_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), broker_task).await;
+    monitor_stop.cancel();
+    let _ = monitor_task.await;
+    admin_stop.cancel();
+    let _ = tokio::task::spawn_blocking(move || admin_thread.join()).await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! The queues a subscription needs: its own queue (declared with `--declare`, otherwise it must
+//! exist), a retry queue where copies wait out their backoff, and a dead-letter queue. The retry
+//! and dead-letter queues are the sidecar's own: they are created when missing whatever
+//! `--declare` says, and never redeclared with different arguments when present.
+//!
+//! Each declaration runs on its own short-lived channel: a refused declaration (404, 406) closes
+//! the channel it ran on, and that must never be the consuming one.
+
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Connection, ErrorKind};
+
+use crate::config::QueueType;
+
+/// What one subscription consumes and where its retries and dead letters go.
+#[derive(Debug, Clone)]
+pub struct QueueSpec {
+    pub queue: String,
+    pub retry_queue: String,
+    pub dead_letter_queue: String,
+    pub declare: bool,
+    pub queue_type: QueueType,
+    pub single_active_consumer: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("queue {0:?} does not exist (start with --declare to create it)")]
+    Missing(String),
+    #[error("queue {queue:?} exists with different arguments than requested ({detail}); delete it or drop the conflicting flags")]
+    Conflict { queue: String, detail: String },
+    #[error("declaring {queue:?}: {error}")]
+    Broker { queue: String, error: lapin::Error },
+}
+
+impl TopologyError {
+    /// A missing queue or conflicting declaration will not fix itself on retry with the same
+    /// connection; a broker error might.
+    pub fn is_permanent(&self) -> bool {
+        !matches!(self, TopologyError::Broker { .. })
+    }
+}
+
+fn reply_code(e: &lapin::Error) -> Option<u16> {
+    match e.kind() {
+        ErrorKind::ProtocolError(p) => Some(p.get_id()),
+        _ => None,
+    }
+}
+
+async fn declare_on_fresh_channel(
+    connection: &Connection,
+    name: &str,
+    passive: bool,
+    arguments: FieldTable,
+) -> Result<(), lapin::Error> {
+    let channel = connection.create_channel().await?;
+    let r = channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                passive,
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await;
+    if channel.status().connected() {
+        let _ = channel.close(200, "declared".into()).await;
+    }
+    r.map(|_| ())
+}
+
+/// Declares `name` if it is missing; leaves an existing queue as it is.
+async fn ensure(connection: &Connection, name: &str, arguments: FieldTable) -> Result<(), TopologyError> {
+    match declare_on_fresh_channel(connection, name, true, FieldTable::default()).await {
+        Ok(()) => return Ok(()),
+        Err(e) if reply_code(&e) == Some(404) => {}
+        Err(error) => {
+            return Err(TopologyError::Broker {
+                queue: name.into(),
+                error,
+            });
+        }
+    }
+    declare(connection, name, arguments).await
+}
+
+async fn declare(connection: &Connection, name: &str, arguments: FieldTable) -> Result<(), TopologyError> {
+    declare_on_fresh_channel(connection, name, false, arguments)
+        .await
+        .map_err(|error| match reply_code(&error) {
+            Some(406) => TopologyError::Conflict {
+                queue: name.into(),
+                detail: error.to_string(),
+            },
+            _ => TopologyError::Broker {
+                queue: name.into(),
+                error,
+            },
+        })
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+/// The arguments `--declare` gives the consumed queue.
+pub fn queue_arguments(spec: &QueueSpec) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text(spec.queue_type.as_str()));
+    if spec.single_active_consumer {
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    }
+    args
+}
+
+/// Makes sure every queue of `spec` exists.
+pub async fn prepare(connection: &Connection, spec: &QueueSpec) -> Result<(), TopologyError> {
+    if spec.declare {
+        declare(connection, &spec.queue, queue_arguments(spec)).await?;
+    } else {
+        match declare_on_fresh_channel(connection, &spec.queue, true, FieldTable::default()).await {
+            Ok(()) => {}
+            Err(e) if reply_code(&e) == Some(404) => return Err(TopologyError::Missing(spec.queue.clone())),
+            Err(error) => {
+                return Err(TopologyError::Broker {
+                    queue: spec.queue.clone(),
+                    error,
+                });
+            }
+        }
+    }
+    // Expired copies go back to the consumed queue through the default exchange. A classic queue
+    // either way: it only holds copies for their backoff, and per-message TTL is what it needs.
+    let mut retry = FieldTable::default();
+    retry.insert("x-dead-letter-exchange".into(), text(""));
+    retry.insert("x-dead-letter-routing-key".into(), text(&spec.queue));
+    ensure(connection, &spec.retry_queue, retry).await?;
+    let mut dead = FieldTable::default();
+    if spec.declare {
+        dead.insert("x-queue-type".into(), text(spec.queue_type.as_str()));
+    }
+    ensure(connection, &spec.dead_letter_queue, dead).await?;
+    Ok(())
+}
