@@ -1,2 +1,4 @@
 //! rabbit-sidecar: a RabbitMQ consumer sidecar with failover and observability.
 #![forbid(unsafe_code)]
+
+pub mod remediate;
