@@ -987,3 +987,36 @@ async fn kubernetes_delete_pod_uses_the_service_account_token() {
     assert_eq!(seen.len(), 4, "{seen:?}");
     assert_eq!(seen[3].method, "GET");
 }
+
+#[test]
+fn the_compose_example_configuration_is_valid() {
+    let text = include_str!("../deploy/compose/remediate.toml");
+    // The secret file exists only in the container; read the token from a variable instead.
+    let text = text.replace(
+        "token_file = \"/run/secrets/remediate-token\"",
+        "token_env = \"REMEDIATE_TOKEN\"",
+    );
+    let config = Config::parse(&text, &|name| {
+        (name == "REMEDIATE_TOKEN").then(|| TOKEN.to_owned())
+    })
+    .unwrap();
+    assert_eq!(config.listen, "0.0.0.0:9103".parse().unwrap());
+    assert_eq!(config.path, "/alerts");
+    let containers: Vec<_> = config
+        .targets
+        .iter()
+        .map(|(name, target)| match target {
+            remediate::config::Target::DockerRestart { container, .. } => {
+                (name.as_str(), container.as_str())
+            }
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        containers,
+        [
+            ("app", "rabbit-sidecar-demo-app"),
+            ("sidecar", "rabbit-sidecar")
+        ]
+    );
+}
