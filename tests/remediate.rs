@@ -1020,3 +1020,97 @@ fn the_compose_example_configuration_is_valid() {
         ]
     );
 }
+
+/// A self-signed certificate for 127.0.0.1: (certificate PEM, rustls server config).
+fn loopback_tls() -> (String, Arc<rustls::ServerConfig>) {
+    let issued = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(rustls_pki_types::PrivatePkcs8KeyDer::from(
+        issued.signing_key.serialize_der(),
+    ));
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![issued.cert.der().clone()], key)
+        .unwrap();
+    (issued.cert.pem(), Arc::new(config))
+}
+
+#[tokio::test]
+async fn kubernetes_api_is_reached_over_tls_verified_by_the_configured_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "sa-token-tls").unwrap();
+    let (server_pem, server_tls) = loopback_tls();
+    let (other_pem, _) = loopback_tls();
+    let ca_file = dir.path().join("ca.crt");
+    let wrong_ca_file = dir.path().join("other-ca.crt");
+    std::fs::write(&ca_file, server_pem).unwrap();
+    std::fs::write(&wrong_ca_file, other_pem).unwrap();
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_tls);
+    let log = Log::default();
+    let server_log = log.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            let server_log = server_log.clone();
+            tokio::spawn(async move {
+                // A client that distrusts our certificate aborts the handshake: not an error here.
+                if let Ok(stream) = acceptor.accept(stream).await {
+                    fake_api(server_log, stream, |_: &Recorded| {
+                        (StatusCode::OK, json!({"kind": "Pod"}).to_string())
+                    })
+                    .await;
+                }
+            });
+        }
+    });
+    let target = |name: &str, ca: &Path| {
+        format!(
+            "[targets.{name}]\naction = \"kubernetes_delete_pod\"\nnamespace = \"shop\"\n\
+             pod = \"web-0\"\napi_server = \"https://{api}\"\ntoken_file = {token_file:?}\n\
+             ca_file = {ca:?}\n"
+        )
+    };
+    let receiver = Receiver::start(&format!(
+        "{}{}",
+        target("app", &ca_file),
+        target("sidecar", &wrong_ca_file)
+    ))
+    .await;
+
+    receiver.alerts(&webhook(vec![restart_alert("app")])).await;
+    let seen = wait_requests(&log, 1).await;
+    assert_eq!(seen[0].method, "DELETE");
+    assert_eq!(seen[0].uri, "/api/v1/namespaces/shop/pods/web-0");
+    assert_eq!(
+        seen[0].authorization.as_deref(),
+        Some("Bearer sa-token-tls")
+    );
+    receiver
+        .wait_metric(
+            "rabbit_sidecar_remediations_total",
+            &[("target", "app"), ("result", "success")],
+            1.0,
+        )
+        .await;
+
+    // An API server whose certificate the configured CA did not sign gets no request, no token.
+    receiver
+        .alerts(&webhook(vec![restart_alert("sidecar")]))
+        .await;
+    receiver
+        .wait_metric(
+            "rabbit_sidecar_remediations_total",
+            &[("target", "sidecar"), ("result", "failure")],
+            1.0,
+        )
+        .await;
+    receiver.stop().await;
+    assert_eq!(log.lock().unwrap().len(), 1);
+}
