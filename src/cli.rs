@@ -30,6 +30,7 @@ pub fn command(mode: Mode) -> Command {
     };
     let mut cmd = Command::new(name)
         .version(env!("CARGO_PKG_VERSION"))
+        .args_override_self(true)
         .about(about)
         .arg(
             Arg::new("config")

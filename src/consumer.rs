@@ -204,7 +204,7 @@ async fn consume_session(sub: &Arc<Subscription>, shared: &Shared, session: &Arc
         shared.health.set_consumer(queue, Some(tag.clone()));
         shared.health.set_state(queue, State::Consuming);
 
-        let ended = pump(sub, shared, session, &publisher, &mut consumer).await;
+        let ended = pump(sub, shared, session, &channel, &publisher, &mut consumer).await;
         shared.health.set_consumer(queue, None);
         match ended {
             Pump::Shutdown => {
@@ -271,6 +271,7 @@ async fn pump(
     sub: &Arc<Subscription>,
     shared: &Shared,
     session: &Arc<Session>,
+    channel: &Channel,
     publisher: &Arc<Channel>,
     consumer: &mut Consumer,
 ) -> Pump {
@@ -285,7 +286,13 @@ async fn pump(
                 Some(Ok(delivery)) => {
                     shared.health.tick(sub.queue());
                     let (sub, shared2, session, publisher) = (sub.clone(), shared.clone(), session.clone(), publisher.clone());
-                    shared.tasks.spawn(async move { handle(sub, shared2, session, publisher, delivery).await });
+                    // The task keeps the consuming channel open until its message is settled:
+                    // dropping the last handle would close it and requeue the message.
+                    let consuming = channel.clone();
+                    shared.tasks.spawn(async move {
+                        handle(sub, shared2, session, publisher, delivery).await;
+                        drop(consuming);
+                    });
                 }
                 Some(Err(e)) => return Pump::Error(e),
                 None => return Pump::BrokerCancelled,

@@ -22,6 +22,7 @@ pub mod management;
 pub mod metrics;
 pub mod monitor;
 pub mod policy;
+pub mod remediate;
 pub mod run;
 pub mod telemetry;
 pub mod topology;

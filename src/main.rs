@@ -34,6 +34,18 @@ async fn main() -> ExitCode {
     let sub = args.get(1).and_then(|a| a.to_str()).map(str::to_string);
     match sub.as_deref() {
         Some("healthcheck") => return healthcheck(&args[2..]).await,
+        Some("remediate") => {
+            let format = std::env::var(env_name("log-format"))
+                .ok()
+                .and_then(|f| f.parse().ok())
+                .unwrap_or(rabbit_sidecar::telemetry::LogFormat::Text);
+            let telemetry = Telemetry::init(format).ok();
+            let code = rabbit_sidecar::remediate::cli_main(args[2..].to_vec()).await;
+            if let Some(t) = telemetry {
+                t.shutdown();
+            }
+            return code;
+        }
         Some("check") => {
             args.remove(1);
             let config = match load(Mode::Check, args) {

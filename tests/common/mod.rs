@@ -1,0 +1,455 @@
+//! Test harness: the real broker at 127.0.0.1:5672, an in-process HTTP app whose answers a test
+//! programs, and the real sidecar binary as a child process.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::task::JoinSet;
+
+pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("rs-test-{prefix}-{}-{nanos}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Polls `f` until it is true or `timeout` passes; returns whether it became true.
+pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------- broker
+
+pub struct Broker {
+    pub conn: Connection,
+    pub ch: Channel,
+    cleanup: Mutex<Vec<String>>,
+}
+
+impl Broker {
+    pub async fn connect() -> Broker {
+        let conn = Connection::connect(AMQP, ConnectionProperties::default().with_connection_name("rabbit-sidecar-tests".into()))
+            .await
+            .expect("the test broker at 127.0.0.1:5672 is up (start it with rabbitmq-server -detached)");
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        Broker {
+            conn,
+            ch,
+            cleanup: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Remembers `queue` and the sidecar's companion queues for deletion in `cleanup`.
+    pub fn track(&self, queue: &str) {
+        let mut c = self.cleanup.lock().unwrap();
+        c.push(queue.to_string());
+        c.push(format!("{queue}.retry"));
+        c.push(format!("{queue}.dead-letter"));
+    }
+
+    pub async fn declare(&self, queue: &str, quorum: bool, single_active: bool) {
+        self.track(queue);
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), AMQPValue::LongString(if quorum { "quorum" } else { "classic" }.into()));
+        if single_active {
+            args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        }
+        self.ch
+            .queue_declare(queue.into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
+            .await
+            .unwrap();
+    }
+
+    pub async fn publish(&self, queue: &str, body: &[u8], props: BasicProperties) {
+        let confirm = self
+            .ch
+            .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, props.with_delivery_mode(2))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "publish confirmed");
+    }
+
+    /// Publishes `n` messages with ids `{prefix}-{i}` and returns the ids.
+    pub async fn publish_n(&self, queue: &str, n: usize, prefix: &str) -> Vec<String> {
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            let id = format!("{prefix}-{i}");
+            self.publish(queue, id.as_bytes(), BasicProperties::default().with_message_id(id.as_str().into())).await;
+            ids.push(id);
+        }
+        ids
+    }
+
+    /// (ready, consumers) by a passive declare on a fresh channel; `None` if the queue is missing.
+    pub async fn count(&self, queue: &str) -> Option<(u32, u32)> {
+        let ch = self.conn.create_channel().await.ok()?;
+        let q = ch
+            .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .await
+            .ok()?;
+        let _ = ch.close(200, "".into()).await;
+        Some((q.message_count(), q.consumer_count()))
+    }
+
+    /// Takes every message out of `queue` (basic.get + ack).
+    pub async fn drain(&self, queue: &str) -> Vec<(Vec<u8>, BasicProperties)> {
+        let ch = self.conn.create_channel().await.unwrap();
+        let mut out = Vec::new();
+        for _ in 0..100_000 {
+            match ch.basic_get(queue.into(), BasicGetOptions::default()).await.unwrap() {
+                Some(m) => {
+                    m.delivery.acker.ack(BasicAckOptions::default()).await.unwrap();
+                    out.push((m.delivery.data.clone(), m.delivery.properties.clone()));
+                }
+                None => break,
+            }
+        }
+        let _ = ch.close(200, "".into()).await;
+        out
+    }
+
+    pub async fn cleanup(&self) {
+        let queues = self.cleanup.lock().unwrap().clone();
+        for q in queues {
+            if let Ok(ch) = self.conn.create_channel().await {
+                let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+                let _ = ch.close(200, "".into()).await;
+            }
+        }
+    }
+}
+
+pub fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
+    props.headers().as_ref()?.inner().get(name).and_then(rabbit_sidecar::headers::scalar_text)
+}
+
+/// Runs `rabbitmqctl` with `args`; panics with its output when it fails.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Closes the broker connections whose client-provided name contains `needle`.
+pub fn close_connections_named(needle: &str) -> usize {
+    let list = rabbitmqctl(&["list_connections", "-q", "--no-table-headers", "pid", "client_properties"]);
+    let mut closed = 0;
+    for line in list.lines() {
+        if line.contains(needle) {
+            if let Some(pid) = line.split_whitespace().next() {
+                let _ = Command::new("rabbitmqctl").args(["close_connection", pid, "test closes the connection"]).output();
+                closed += 1;
+            }
+        }
+    }
+    closed
+}
+
+// ---------------------------------------------------------------- app
+
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub body: Vec<u8>,
+    pub headers: HashMap<String, String>,
+    pub at: Instant,
+}
+
+impl Received {
+    pub fn id(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+type Behaviour = Arc<dyn Fn(&Received) -> u16 + Send + Sync>;
+
+/// An HTTP app on 127.0.0.1 whose status answers come from a closure the test sets.
+pub struct App {
+    pub addr: SocketAddr,
+    pub received: Arc<Mutex<Vec<Received>>>,
+    behaviour: Arc<Mutex<Behaviour>>,
+    delay: Arc<Mutex<Duration>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl App {
+    pub async fn start() -> App {
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    pub async fn start_on(addr: SocketAddr) -> App {
+        let mut app = App {
+            addr,
+            received: Arc::default(),
+            behaviour: Arc::new(Mutex::new(Arc::new(|_: &Received| 200))),
+            delay: Arc::default(),
+            server: None,
+        };
+        app.up().await;
+        app
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+
+    pub fn answer(&self, f: impl Fn(&Received) -> u16 + Send + Sync + 'static) {
+        *self.behaviour.lock().unwrap() = Arc::new(f);
+    }
+
+    pub fn set_delay(&self, d: Duration) {
+        *self.delay.lock().unwrap() = d;
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
+    /// Ids answered 2xx by the app at least once.
+    pub fn ids(&self) -> Vec<String> {
+        self.received().iter().map(Received::id).collect()
+    }
+
+    /// Stops listening and drops every open connection: the app is down.
+    pub fn down(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.abort();
+        }
+    }
+
+    /// Listens again on the same address.
+    pub async fn up(&mut self) {
+        let listener = bind_retry(self.addr).await;
+        self.addr = listener.local_addr().unwrap();
+        let (received, behaviour, delay) = (self.received.clone(), self.behaviour.clone(), self.delay.clone());
+        self.server = Some(tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (received, behaviour, delay) = (received.clone(), behaviour.clone(), delay.clone());
+                conns.spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (received, behaviour, delay) = (received.clone(), behaviour.clone(), delay.clone());
+                        async move {
+                            let headers = req
+                                .headers()
+                                .iter()
+                                .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+                                .collect();
+                            let body = req.into_body().collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
+                            let r = Received { body, headers, at: Instant::now() };
+                            received.lock().unwrap().push(r.clone());
+                            let d = *delay.lock().unwrap();
+                            if !d.is_zero() {
+                                tokio::time::sleep(d).await;
+                            }
+                            let f = behaviour.lock().unwrap().clone();
+                            let status = f(&r);
+                            Ok::<_, std::convert::Infallible>(
+                                Response::builder().status(status).body(Full::new(Bytes::from_static(b"answer"))).unwrap(),
+                            )
+                        }
+                    });
+                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+        }));
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+async fn bind_retry(addr: SocketAddr) -> tokio::net::TcpListener {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("cannot bind {addr}: {e}"),
+        }
+    }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+// ---------------------------------------------------------------- sidecar
+
+pub struct Sidecar {
+    pub child: Child,
+    pub admin: SocketAddr,
+    pub log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Sidecar {
+    /// Starts the sidecar binary with `args` (plus `--listen` on a free port).
+    pub fn spawn(args: &[&str]) -> Sidecar {
+        Self::spawn_env(args, &[])
+    }
+
+    pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Sidecar {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("sidecar.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let admin = SocketAddr::from(([127, 0, 0, 1], port));
+        let child = Command::new(env!("CARGO_BIN_EXE_rabbit-sidecar"))
+            .args(args)
+            .args(["--listen", &admin.to_string()])
+            .env("RUST_LOG", "info,rabbit_sidecar=debug")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("the sidecar binary starts");
+        Sidecar { child, admin, log, _dir: dir }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<http_body_util::Empty<Bytes>>();
+        let uri: hyper::Uri = format!("http://{}{path}", self.admin).parse().unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(2), client.get(uri)).await.ok()?.ok()?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.ok()?.to_bytes();
+        Some((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    pub async fn wait_ready(&self, timeout: Duration) {
+        let ok = eventually(timeout, || async { matches!(self.get("/readyz").await, Some((200, _))) }).await;
+        assert!(ok, "sidecar not ready within {timeout:?}; logs:\n{}", self.logs());
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.get("/metrics").await.map(|(_, b)| b).unwrap_or_default()
+    }
+
+    /// The value of the series `name{labels}` (labels as written, e.g. `queue="q",reason="x"`).
+    pub async fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics().await, series).unwrap_or(f64::NAN)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn kill9(&mut self) {
+        self.signal("KILL");
+        self.wait_exit(Duration::from_secs(10)).await.expect("killed process exits");
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Finds `series` (`name{labels}` or bare `name`) in a text exposition.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+}
+
+/// Consumes and counts what arrives in `queue` using a plain lapin consumer (ack everything).
+pub async fn consume_ids(conn: &Connection, queue: &str, want: usize, timeout: Duration) -> Vec<String> {
+    let ch = conn.create_channel().await.unwrap();
+    let mut consumer = ch
+        .basic_consume(queue.into(), unique("c").as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while ids.len() < want {
+        match tokio::time::timeout_at(deadline, consumer.next()).await {
+            Ok(Some(Ok(d))) => {
+                ids.push(String::from_utf8_lossy(&d.data).into_owned());
+                d.acker.ack(BasicAckOptions::default()).await.unwrap();
+            }
+            _ => break,
+        }
+    }
+    let _ = ch.close(200, "".into()).await;
+    ids
+}
