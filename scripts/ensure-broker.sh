@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Makes sure the local RabbitMQ node is running and its application started (a test that stops the
+# broker app and then fails could leave it stopped). Safe to run any number of times.
+set -euo pipefail
+if ! command -v rabbitmqctl >/dev/null 2>&1; then
+  echo "rabbitmqctl not found: install RabbitMQ (Debian package rabbitmq-server)" >&2
+  exit 1
+fi
+if ! rabbitmqctl -q status >/dev/null 2>&1; then
+  echo "starting RabbitMQ"
+  rabbitmq-server -detached
+  # The node needs a moment before rabbitmqctl can reach it at all.
+  for _ in $(seq 1 60); do
+    rabbitmqctl -q status >/dev/null 2>&1 && break
+    sleep 1
+  done
+fi
+rabbitmqctl -q start_app >/dev/null 2>&1 || true
+rabbitmqctl await_startup --timeout 120 >/dev/null
+echo "RabbitMQ is up at 127.0.0.1:5672"

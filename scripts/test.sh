@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test command: sets up what the tests need, then runs every test against the local broker.
+# Tests that stop the broker run in a second pass, alone, so they never pull the broker from
+# under the others.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/test-deps.sh
+scripts/ensure-broker.sh
+profile=default
+[ "${CI:-}" = "true" ] && profile=ci
+cargo nextest run --profile "$profile" --all-targets -E 'not binary(disruptive)'
+cargo nextest run --profile "$profile" -E 'binary(disruptive)'
+scripts/ensure-broker.sh
