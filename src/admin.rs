@@ -35,7 +35,11 @@ pub struct Admin {
     pub queues: Vec<String>,
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>, content_type: &'static str) -> Response<Full<Bytes>> {
+fn text(
+    status: StatusCode,
+    body: impl Into<Bytes>,
+    content_type: &'static str,
+) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header(hyper::header::CONTENT_TYPE, content_type)
@@ -48,43 +52,70 @@ impl Admin {
     pub fn answer(&self, method: &Method, path: &str) -> Response<Full<Bytes>> {
         const PLAIN: &str = "text/plain; charset=utf-8";
         if method != Method::GET && method != Method::HEAD {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served\n", PLAIN);
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "only GET is served\n",
+                PLAIN,
+            );
         }
         match path {
             "/metrics" => {
                 monitor::refresh(&self.metrics, &self.health, &self.queues);
-                text(StatusCode::OK, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+                text(
+                    StatusCode::OK,
+                    self.metrics.render(),
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
             }
             "/healthz" | "/livez" => {
                 let v = self.health.liveness();
-                let status = if v.ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                let status = if v.ok {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
                 text(status, format!("{}\n", v.reason), PLAIN)
             }
             "/readyz" => {
                 let v = self.health.readiness();
-                let status = if v.ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                let status = if v.ok {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
                 text(status, format!("{}\n", v.reason), PLAIN)
             }
             "/status" => {
-                let doc = serde_json::to_string_pretty(&self.health.status()).expect("status serializes");
+                let doc =
+                    serde_json::to_string_pretty(&self.health.status()).expect("status serializes");
                 text(StatusCode::OK, doc + "\n", "application/json")
             }
-            "/" => text(StatusCode::OK, "rabbit-sidecar: /metrics /healthz /readyz /status\n", PLAIN),
+            "/" => text(
+                StatusCode::OK,
+                "rabbit-sidecar: /metrics /healthz /readyz /status\n",
+                PLAIN,
+            ),
             _ => text(StatusCode::NOT_FOUND, "not found\n", PLAIN),
         }
     }
 }
 
 /// Serves on `listener` from a dedicated thread until `stop` is cancelled.
-pub fn spawn(listener: std::net::TcpListener, admin: Admin, stop: CancellationToken) -> std::io::Result<std::thread::JoinHandle<()>> {
+pub fn spawn(
+    listener: std::net::TcpListener,
+    admin: Admin,
+    stop: CancellationToken,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
     listener.set_nonblocking(true)?;
-    std::thread::Builder::new().name("admin".into()).spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("the admin runtime builds");
-        rt.block_on(serve(listener, admin, stop));
-    })
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("the admin runtime builds");
+            rt.block_on(serve(listener, admin, stop));
+        })
 }
 
 async fn serve(listener: std::net::TcpListener, admin: Admin, stop: CancellationToken) {

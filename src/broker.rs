@@ -56,7 +56,8 @@ pub enum ConnectError {
 /// Reads the TLS files named in the configuration.
 pub fn tls_config(config: &Config) -> Result<OwnedTLSConfig, ConnectError> {
     let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| ConnectError::Tls(format!("cannot read {}: {e}", path.display())))
+        std::fs::read(path)
+            .map_err(|e| ConnectError::Tls(format!("cannot read {}: {e}", path.display())))
     };
     let cert_chain = match &config.tls_ca_file {
         Some(p) => Some(
@@ -79,7 +80,11 @@ pub fn tls_config(config: &Config) -> Result<OwnedTLSConfig, ConnectError> {
 }
 
 /// Connects to one node, bounded by the connect timeout.
-pub async fn connect(node: &AmqpNode, config: &Config, tls: OwnedTLSConfig) -> Result<Connection, ConnectError> {
+pub async fn connect(
+    node: &AmqpNode,
+    config: &Config,
+    tls: OwnedTLSConfig,
+) -> Result<Connection, ConnectError> {
     let mut uri = node.uri.clone();
     if uri.query.heartbeat.is_none() {
         uri.query.heartbeat = Some(config.heartbeat.as_secs().max(1) as u16);
@@ -87,11 +92,7 @@ pub async fn connect(node: &AmqpNode, config: &Config, tls: OwnedTLSConfig) -> R
     if uri.query.connection_timeout.is_none() {
         uri.query.connection_timeout = Some(config.connect_timeout.as_millis() as u64);
     }
-    let name = format!(
-        "rabbit-sidecar {} pid {}",
-        hostname(),
-        std::process::id()
-    );
+    let name = format!("rabbit-sidecar {} pid {}", hostname(), std::process::id());
     let props = ConnectionProperties::default()
         .with_connection_name(name.into())
         .with_client_property("product".into(), "rabbit-sidecar".into())
@@ -164,8 +165,12 @@ pub async fn run(
                 }
                 .emit(&metrics);
                 index += 1;
-                if index % nodes.len() == 0 {
-                    let delay = backoff(config.reconnect_backoff, config.reconnect_backoff_max, failed_passes);
+                if index.is_multiple_of(nodes.len()) {
+                    let delay = backoff(
+                        config.reconnect_backoff,
+                        config.reconnect_backoff_max,
+                        failed_passes,
+                    );
                     failed_passes = failed_passes.saturating_add(1);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -210,7 +215,9 @@ pub async fn run(
                 if session.is_connected() {
                     let _ = tokio::time::timeout(
                         Duration::from_secs(5),
-                        session.connection.close(200, "rabbit-sidecar shutting down".into()),
+                        session
+                            .connection
+                            .close(200, "rabbit-sidecar shutting down".into()),
                     )
                     .await;
                 }

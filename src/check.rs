@@ -17,7 +17,13 @@ pub struct CheckFailed(pub String);
 
 /// Runs the checks, writing a report line per finding into `report`.
 pub async fn check(config: &Config, report: &mut String) -> Result<(), CheckFailed> {
-    let _ = writeln!(report, "configuration: ok (queue {:?}, {} broker node(s), target {})", config.queue, config.nodes.len(), config.target_url);
+    let _ = writeln!(
+        report,
+        "configuration: ok (queue {:?}, {} broker node(s), target {})",
+        config.queue,
+        config.nodes.len(),
+        config.target_url
+    );
     let tls = broker::tls_config(config).map_err(|e| CheckFailed(format!("TLS: {e}")))?;
     let mut connection = None;
     for node in &config.nodes {
@@ -32,7 +38,8 @@ pub async fn check(config: &Config, report: &mut String) -> Result<(), CheckFail
             }
         }
     }
-    let connection = connection.ok_or_else(|| CheckFailed("no broker node could be reached".into()))?;
+    let connection =
+        connection.ok_or_else(|| CheckFailed("no broker node could be reached".into()))?;
     let channel = connection
         .create_channel()
         .await
@@ -49,20 +56,38 @@ pub async fn check(config: &Config, report: &mut String) -> Result<(), CheckFail
         .await;
     let queue_ok = match &queue_result {
         Ok(q) => {
-            let _ = writeln!(report, "queue {:?}: exists, {} ready, {} consumer(s)", config.queue, q.message_count(), q.consumer_count());
+            let _ = writeln!(
+                report,
+                "queue {:?}: exists, {} ready, {} consumer(s)",
+                config.queue,
+                q.message_count(),
+                q.consumer_count()
+            );
             true
         }
         Err(e) if config.declare => {
-            let _ = writeln!(report, "queue {:?}: missing ({e}); --declare will create it", config.queue);
+            let _ = writeln!(
+                report,
+                "queue {:?}: missing ({e}); --declare will create it",
+                config.queue
+            );
             true
         }
         Err(e) => {
-            let _ = writeln!(report, "queue {:?}: FAILED: {e} (start with --declare to create it)", config.queue);
+            let _ = writeln!(
+                report,
+                "queue {:?}: FAILED: {e} (start with --declare to create it)",
+                config.queue
+            );
             false
         }
     };
     let _ = connection.close(200, "check done".into()).await;
-    let dispatcher = Dispatcher::new(config.target_url.clone(), config.handler_timeout, config.app_health_url.clone());
+    let dispatcher = Dispatcher::new(
+        config.target_url.clone(),
+        config.handler_timeout,
+        config.app_health_url.clone(),
+    );
     let app_ok = dispatcher.prober().probe().await;
     if app_ok {
         let _ = writeln!(report, "app {}: reachable", config.target_url);
@@ -71,7 +96,13 @@ pub async fn check(config: &Config, report: &mut String) -> Result<(), CheckFail
     }
     match (queue_ok, app_ok) {
         (true, true) => Ok(()),
-        (false, _) => Err(CheckFailed(format!("queue {:?} is not usable", config.queue))),
-        (_, false) => Err(CheckFailed(format!("the app at {} is not reachable", config.target_url))),
+        (false, _) => Err(CheckFailed(format!(
+            "queue {:?} is not usable",
+            config.queue
+        ))),
+        (_, false) => Err(CheckFailed(format!(
+            "the app at {} is not reachable",
+            config.target_url
+        ))),
     }
 }

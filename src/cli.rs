@@ -25,8 +25,12 @@ pub fn command(mode: Mode) -> Command {
         Mode::Check => "rabbit-sidecar check",
     };
     let about = match mode {
-        Mode::Run => "Consume a RabbitMQ queue on behalf of an app, with failover and observability.\n\nSubcommands: check (validate config, broker, queue and app), healthcheck (probe /healthz), remediate (Alertmanager webhook receiver).",
-        Mode::Check => "Validate the configuration, connect to a broker node, passive-declare the queue, reach the app; exit non-zero on any failure.",
+        Mode::Run => {
+            "Consume a RabbitMQ queue on behalf of an app, with failover and observability.\n\nSubcommands: check (validate config, broker, queue and app), healthcheck (probe /healthz), remediate (Alertmanager webhook receiver)."
+        }
+        Mode::Check => {
+            "Validate the configuration, connect to a broker node, passive-declare the queue, reach the app; exit non-zero on any failure."
+        }
     };
     let mut cmd = Command::new(name)
         .version(env!("CARGO_PKG_VERSION"))
@@ -36,7 +40,10 @@ pub fn command(mode: Mode) -> Command {
             Arg::new("config")
                 .long("config")
                 .value_name("FILE")
-                .help(format!("TOML file with the same keys as the flags [env: {}]", env_name("config"))),
+                .help(format!(
+                    "TOML file with the same keys as the flags [env: {}]",
+                    env_name("config")
+                )),
         );
     for key in KEYS {
         let mut help = format!("{} [env: {}]", key.help, env_name(key.name));
@@ -60,7 +67,10 @@ pub fn command(mode: Mode) -> Command {
 
 /// Parses flags into key → text. Errors are clap's (which name the flag); help and version are
 /// returned as errors too, for the caller to print with the right exit code.
-pub fn parse(mode: Mode, args: impl IntoIterator<Item = OsString>) -> Result<BTreeMap<String, String>, clap::Error> {
+pub fn parse(
+    mode: Mode,
+    args: impl IntoIterator<Item = OsString>,
+) -> Result<BTreeMap<String, String>, clap::Error> {
     let matches = command(mode).try_get_matches_from(args)?;
     let mut out = BTreeMap::new();
     for id in std::iter::once("config").chain(KEYS.iter().map(|k| k.name)) {

@@ -112,6 +112,26 @@ impl fmt::Debug for AmqpNode {
     }
 }
 
+/// A URL that may carry credentials in its user info; `Debug` shows only scheme, host and port.
+#[derive(Clone)]
+pub struct SecretUrl(pub Uri);
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let host = self.0.host().unwrap_or("?");
+        let port = self
+            .0
+            .port_u16()
+            .map(|p| format!(":{p}"))
+            .unwrap_or_default();
+        write!(
+            f,
+            "SecretUrl({}://{host}{port})",
+            self.0.scheme_str().unwrap_or("http")
+        )
+    }
+}
+
 /// Everything the sidecar needs to run, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -140,7 +160,7 @@ pub struct Config {
     pub reconnect_backoff_max: Duration,
     pub app_health_url: Option<Uri>,
     pub app_probe_interval: Duration,
-    pub management_url: Option<Uri>,
+    pub management_url: Option<SecretUrl>,
     pub consumer_timeout: Duration,
     pub queue_poll_interval: Duration,
     pub log_format: LogFormat,
@@ -155,34 +175,138 @@ pub struct Key {
 
 /// Every key the sidecar reads, in the order the README documents them.
 pub const KEYS: &[Key] = &[
-    key("amqp-url", "Comma-separated AMQP URIs of the broker nodes, tried in turn on failure", Some("amqp://guest:guest@127.0.0.1:5672/%2f")),
+    key(
+        "amqp-url",
+        "Comma-separated AMQP URIs of the broker nodes, tried in turn on failure",
+        Some("amqp://guest:guest@127.0.0.1:5672/%2f"),
+    ),
     key("queue", "The queue to consume (required)", None),
-    key("declare", "Declare the queue, its retry queue and its dead-letter queue if they are missing", Some("false")),
-    key("queue-type", "quorum or classic, used with --declare", Some("quorum")),
-    key("single-active-consumer", "Declare the queue with x-single-active-consumer (active/standby replicas)", Some("false")),
-    key("target-url", "The app endpoint each message is POSTed to", Some("http://127.0.0.1:8080/")),
-    key("prefetch", "basic.qos prefetch: most messages held unacknowledged", Some("64")),
-    key("concurrency", "Most messages handed to the app at once (at most --prefetch)", Some("16")),
-    key("handler-timeout", "Deadline for the app's answer", Some("30s")),
-    key("max-deliveries", "Attempts before a message is dead-lettered", Some("5")),
-    key("retry-backoff", "First delay before a retry; doubles per attempt, with jitter, up to --retry-backoff-max", Some("1s")),
+    key(
+        "declare",
+        "Declare the queue, its retry queue and its dead-letter queue if they are missing",
+        Some("false"),
+    ),
+    key(
+        "queue-type",
+        "quorum or classic, used with --declare",
+        Some("quorum"),
+    ),
+    key(
+        "single-active-consumer",
+        "Declare the queue with x-single-active-consumer (active/standby replicas)",
+        Some("false"),
+    ),
+    key(
+        "target-url",
+        "The app endpoint each message is POSTed to",
+        Some("http://127.0.0.1:8080/"),
+    ),
+    key(
+        "prefetch",
+        "basic.qos prefetch: most messages held unacknowledged",
+        Some("64"),
+    ),
+    key(
+        "concurrency",
+        "Most messages handed to the app at once (at most --prefetch)",
+        Some("16"),
+    ),
+    key(
+        "handler-timeout",
+        "Deadline for the app's answer",
+        Some("30s"),
+    ),
+    key(
+        "max-deliveries",
+        "Attempts before a message is dead-lettered",
+        Some("5"),
+    ),
+    key(
+        "retry-backoff",
+        "First delay before a retry; doubles per attempt, with jitter, up to --retry-backoff-max",
+        Some("1s"),
+    ),
     key("retry-backoff-max", "Cap of the retry delay", Some("5m")),
-    key("dead-letter-queue", "Where dead letters go", Some("<queue>.dead-letter")),
-    key("retry-queue", "Where messages wait for their retry (a TTL queue that dead-letters back)", Some("<queue>.retry")),
-    key("listen", "The admin server's address (/metrics, /healthz, /readyz, /status)", Some("0.0.0.0:9102")),
-    key("shutdown-grace", "How long SIGTERM waits for in-flight messages", Some("30s")),
-    key("tls-ca-file", "For amqps://: a PEM CA bundle trusted beside the system roots", None),
-    key("tls-cert-file", "For amqps:// mutual TLS: the client certificate (PEM)", None),
-    key("tls-key-file", "For amqps:// mutual TLS: the client private key (PEM, PKCS#8)", None),
-    key("heartbeat", "AMQP heartbeat interval; a silent peer is dropped after about two intervals", Some("10s")),
-    key("connect-timeout", "Deadline for one connection attempt to one node", Some("5s")),
-    key("reconnect-backoff", "First delay between connection attempts; doubles with jitter", Some("200ms")),
-    key("reconnect-backoff-max", "Cap of the delay between connection attempts", Some("10s")),
-    key("app-health-url", "URL probed (GET, 2xx = up) while the app is down; default: TCP connect to --target-url", None),
-    key("app-probe-interval", "How often the app is probed while it is down", Some("1s")),
-    key("management-url", "RabbitMQ management API base URL (http://user:pass@host:15672), used to tell active from standby", None),
-    key("broker-consumer-timeout", "The broker's delivery-acknowledgement timeout (consumer_timeout); warn at 80% of it", Some("30m")),
-    key("queue-poll-interval", "How often queue depth and consumer count are polled", Some("5s")),
+    key(
+        "dead-letter-queue",
+        "Where dead letters go",
+        Some("<queue>.dead-letter"),
+    ),
+    key(
+        "retry-queue",
+        "Where messages wait for their retry (a TTL queue that dead-letters back)",
+        Some("<queue>.retry"),
+    ),
+    key(
+        "listen",
+        "The admin server's address (/metrics, /healthz, /readyz, /status)",
+        Some("0.0.0.0:9102"),
+    ),
+    key(
+        "shutdown-grace",
+        "How long SIGTERM waits for in-flight messages",
+        Some("30s"),
+    ),
+    key(
+        "tls-ca-file",
+        "For amqps://: a PEM CA bundle trusted beside the system roots",
+        None,
+    ),
+    key(
+        "tls-cert-file",
+        "For amqps:// mutual TLS: the client certificate (PEM)",
+        None,
+    ),
+    key(
+        "tls-key-file",
+        "For amqps:// mutual TLS: the client private key (PEM, PKCS#8)",
+        None,
+    ),
+    key(
+        "heartbeat",
+        "AMQP heartbeat interval; a silent peer is dropped after about two intervals",
+        Some("10s"),
+    ),
+    key(
+        "connect-timeout",
+        "Deadline for one connection attempt to one node",
+        Some("5s"),
+    ),
+    key(
+        "reconnect-backoff",
+        "First delay between connection attempts; doubles with jitter",
+        Some("200ms"),
+    ),
+    key(
+        "reconnect-backoff-max",
+        "Cap of the delay between connection attempts",
+        Some("10s"),
+    ),
+    key(
+        "app-health-url",
+        "URL probed (GET, 2xx = up) while the app is down; default: TCP connect to --target-url",
+        None,
+    ),
+    key(
+        "app-probe-interval",
+        "How often the app is probed while it is down",
+        Some("1s"),
+    ),
+    key(
+        "management-url",
+        "RabbitMQ management API base URL (http://user:pass@host:15672), used to tell active from standby",
+        None,
+    ),
+    key(
+        "broker-consumer-timeout",
+        "The broker's delivery-acknowledgement timeout (consumer_timeout); warn at 80% of it",
+        Some("30m"),
+    ),
+    key(
+        "queue-poll-interval",
+        "How often queue depth and consumer count are polled",
+        Some("5s"),
+    ),
     key("log-format", "text or json", Some("text")),
 ];
 
@@ -244,7 +368,10 @@ impl Layers {
             return Some((env_name(key), v.clone()));
         }
         if let Some(v) = self.file.get(key) {
-            let path = self.file_path.as_deref().unwrap_or(Path::new("config file"));
+            let path = self
+                .file_path
+                .as_deref()
+                .unwrap_or(Path::new("config file"));
             return Some((format!("{key} (in {})", path.display()), v.clone()));
         }
         None
@@ -278,7 +405,10 @@ impl Layers {
         self.parse(key, parse)?.ok_or_else(|| {
             ConfigError::new(
                 format!("--{key}"),
-                format!("is required (flag --{key}, variable {}, or `{key}` in the config file)", env_name(key)),
+                format!(
+                    "is required (flag --{key}, variable {}, or `{key}` in the config file)",
+                    env_name(key)
+                ),
             )
         })
     }
@@ -290,8 +420,12 @@ impl Layers {
         let concurrency = self.required("concurrency", |s| parse_int(s, 1, 65_535))? as usize;
         if concurrency > prefetch as usize {
             return Err(ConfigError::new(
-                self.get("concurrency").map(|(o, _)| o).unwrap_or_else(|| "--concurrency".into()),
-                format!("{concurrency} is more than --prefetch ({prefetch}); the extra slots could never be used"),
+                self.get("concurrency")
+                    .map(|(o, _)| o)
+                    .unwrap_or_else(|| "--concurrency".into()),
+                format!(
+                    "{concurrency} is more than --prefetch ({prefetch}); the extra slots could never be used"
+                ),
             ));
         }
         let retry_backoff = self.required("retry-backoff", parse_duration)?;
@@ -308,7 +442,11 @@ impl Layers {
         let tls_key_file = self.parse("tls-key-file", parse_path)?;
         if tls_cert_file.is_some() != tls_key_file.is_some() {
             return Err(ConfigError::new(
-                if tls_cert_file.is_some() { "--tls-key-file" } else { "--tls-cert-file" },
+                if tls_cert_file.is_some() {
+                    "--tls-key-file"
+                } else {
+                    "--tls-cert-file"
+                },
                 "mutual TLS needs both --tls-cert-file and --tls-key-file",
             ));
         }
@@ -329,7 +467,9 @@ impl Layers {
             queue_type: self.required("queue-type", |s| match s {
                 "quorum" => Ok(QueueType::Quorum),
                 "classic" => Ok(QueueType::Classic),
-                other => Err(format!("{other:?} is not a queue type: expected \"quorum\" or \"classic\"")),
+                other => Err(format!(
+                    "{other:?} is not a queue type: expected \"quorum\" or \"classic\""
+                )),
             })?,
             single_active_consumer: self.required("single-active-consumer", parse_bool)?,
             target_url: self.required("target-url", parse_http_url)?,
@@ -340,8 +480,9 @@ impl Layers {
             retry_backoff,
             retry_backoff_max,
             listen: self.required("listen", |s| {
-                s.parse::<SocketAddr>()
-                    .map_err(|_| format!("{s:?} is not an address: expected IP:PORT such as 0.0.0.0:9102"))
+                s.parse::<SocketAddr>().map_err(|_| {
+                    format!("{s:?} is not an address: expected IP:PORT such as 0.0.0.0:9102")
+                })
             })?,
             shutdown_grace: self.required("shutdown-grace", parse_duration)?,
             tls_ca_file: self.parse("tls-ca-file", parse_path)?,
@@ -353,10 +494,12 @@ impl Layers {
             reconnect_backoff_max,
             app_health_url: self.parse("app-health-url", parse_http_url)?,
             app_probe_interval: self.required("app-probe-interval", parse_positive_duration)?,
-            management_url: self.parse("management-url", parse_http_url)?,
+            management_url: self.parse("management-url", parse_http_url)?.map(SecretUrl),
             consumer_timeout: self.required("broker-consumer-timeout", parse_positive_duration)?,
             queue_poll_interval: self.required("queue-poll-interval", parse_positive_duration)?,
-            log_format: self.required("log-format", |s| LogFormat::from_str(s).map_err(|e| e.to_string()))?,
+            log_format: self.required("log-format", |s| {
+                LogFormat::from_str(s).map_err(|e| e.to_string())
+            })?,
         })
     }
 }
@@ -366,9 +509,9 @@ fn read_file(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
     let origin = format!("--config {}", path.display());
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::new(&origin, format!("cannot read the file: {e}")))?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| ConfigError::new(&origin, format!("not valid TOML: {}", e.message())))?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        ConfigError::new(&origin, format!("not valid TOML: {}", e.message()))
+    })?;
     let mut out = BTreeMap::new();
     for (raw_key, value) in table {
         let key = raw_key.replace('_', "-");
@@ -451,7 +594,10 @@ fn parse_name(s: &str) -> Result<String, String> {
         return Err("is empty".into());
     }
     if s.len() > 255 {
-        return Err(format!("is {} bytes long; AMQP names are at most 255 bytes", s.len()));
+        return Err(format!(
+            "is {} bytes long; AMQP names are at most 255 bytes",
+            s.len()
+        ));
     }
     Ok(s.to_string())
 }
@@ -551,11 +697,18 @@ mod tests {
     fn flag_beats_env_beats_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
-        std::fs::write(&path, "queue = \"from-file\"\nprefetch = 10\nconcurrency = 2\nmax_deliveries = 9\n").unwrap();
+        std::fs::write(
+            &path,
+            "queue = \"from-file\"\nprefetch = 10\nconcurrency = 2\nmax_deliveries = 9\n",
+        )
+        .unwrap();
         let p = path.to_str().unwrap();
         let c = build(
             &[("config", p), ("prefetch", "30")],
-            &[("RABBIT_SIDECAR_PREFETCH", "20"), ("RABBIT_SIDECAR_CONCURRENCY", "3")],
+            &[
+                ("RABBIT_SIDECAR_PREFETCH", "20"),
+                ("RABBIT_SIDECAR_CONCURRENCY", "3"),
+            ],
         )
         .unwrap();
         assert_eq!(c.queue, "from-file");
@@ -568,9 +721,16 @@ mod tests {
     fn config_file_can_come_from_the_environment() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
-        std::fs::write(&path, "queue = \"q\"\namqp-url = [\"amqp://a:b@h1:1\", \"amqps://h2\"]\n").unwrap();
+        std::fs::write(
+            &path,
+            "queue = \"q\"\namqp-url = [\"amqp://a:b@h1:1\", \"amqps://h2\"]\n",
+        )
+        .unwrap();
         let c = build(&[], &[("RABBIT_SIDECAR_CONFIG", path.to_str().unwrap())]).unwrap();
-        assert_eq!(c.nodes.iter().map(|n| n.to_string()).collect::<Vec<_>>(), ["h1:1", "h2:5671"]);
+        assert_eq!(
+            c.nodes.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            ["h1:1", "h2:5671"]
+        );
         assert!(c.nodes[1].tls);
     }
 
@@ -580,7 +740,11 @@ mod tests {
         assert_eq!(e.key, "--prefetch");
         assert!(e.problem.contains("not a whole number"), "{e}");
 
-        let e = build(&[("queue", "q")], &[("RABBIT_SIDECAR_HANDLER_TIMEOUT", "soon")]).unwrap_err();
+        let e = build(
+            &[("queue", "q")],
+            &[("RABBIT_SIDECAR_HANDLER_TIMEOUT", "soon")],
+        )
+        .unwrap_err();
         assert_eq!(e.key, "RABBIT_SIDECAR_HANDLER_TIMEOUT");
         assert!(e.problem.contains("not a duration"), "{e}");
 
@@ -626,14 +790,31 @@ mod tests {
     fn amqp_passwords_never_appear_in_errors_or_debug() {
         let secret = "s3cr3t-pa55";
         let e = build(
-            &[("queue", "q"), ("amqp-url", &format!("amqp://u:{secret}@host:5672/%2f,http://u:{secret}@x"))],
+            &[
+                ("queue", "q"),
+                (
+                    "amqp-url",
+                    &format!("amqp://u:{secret}@host:5672/%2f,http://u:{secret}@x"),
+                ),
+            ],
             &[],
         )
         .unwrap_err();
         assert!(!e.to_string().contains(secret), "{e}");
         assert!(e.problem.contains("node 2"), "{e}");
 
-        let c = build(&[("queue", "q"), ("amqp-url", &format!("amqp://u:{secret}@10.1.2.3:5673/%2f"))], &[]).unwrap();
+        let c = build(
+            &[
+                ("queue", "q"),
+                ("amqp-url", &format!("amqp://u:{secret}@10.1.2.3:5673/%2f")),
+                (
+                    "management-url",
+                    &format!("http://u:{secret}@10.1.2.3:15672"),
+                ),
+            ],
+            &[],
+        )
+        .unwrap();
         assert_eq!(c.nodes[0].uri.authority.userinfo.password, secret);
         assert!(!format!("{c:?}").contains(secret));
         assert_eq!(c.nodes[0].to_string(), "10.1.2.3:5673");
@@ -641,16 +822,29 @@ mod tests {
 
     #[test]
     fn literal_hosts_survive_parsing() {
-        assert_eq!(literal_host("amqp://u:p@127.0.0.2:5672/%2f").unwrap(), "127.0.0.2");
+        assert_eq!(
+            literal_host("amqp://u:p@127.0.0.2:5672/%2f").unwrap(),
+            "127.0.0.2"
+        );
         assert_eq!(literal_host("amqp://[::1]:5672").unwrap(), "::1");
-        assert_eq!(literal_host("amqps://rabbit.local").unwrap(), "rabbit.local");
+        assert_eq!(
+            literal_host("amqps://rabbit.local").unwrap(),
+            "rabbit.local"
+        );
         assert_eq!(literal_host("amqp://a@b@c:1/").unwrap(), "c");
     }
 
     #[test]
     fn booleans_and_env_names() {
-        assert_eq!(env_name("single-active-consumer"), "RABBIT_SIDECAR_SINGLE_ACTIVE_CONSUMER");
-        let c = build(&[("queue", "q"), ("declare", "true")], &[("RABBIT_SIDECAR_SINGLE_ACTIVE_CONSUMER", "yes")]).unwrap();
+        assert_eq!(
+            env_name("single-active-consumer"),
+            "RABBIT_SIDECAR_SINGLE_ACTIVE_CONSUMER"
+        );
+        let c = build(
+            &[("queue", "q"), ("declare", "true")],
+            &[("RABBIT_SIDECAR_SINGLE_ACTIVE_CONSUMER", "yes")],
+        )
+        .unwrap();
         assert!(c.declare && c.single_active_consumer);
         let e = build(&[("queue", "q")], &[("RABBIT_SIDECAR_DECLARE", "maybe")]).unwrap_err();
         assert_eq!(e.key, "RABBIT_SIDECAR_DECLARE");

@@ -27,8 +27,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Consumer};
@@ -39,8 +39,8 @@ use tokio_util::task::TaskTracker;
 use crate::broker::{Session, Sessions, backoff};
 use crate::dispatch::Dispatcher;
 use crate::events::{
-    ConsumerStarted, ConsumerStopped, DeadLettered, Event, HandlerAnswered, MessageAcked, MessageReceived,
-    MessageRequeued, RepublishFailed, RetryScheduled, SettleFailed,
+    ConsumerStarted, ConsumerStopped, DeadLettered, Event, HandlerAnswered, MessageAcked,
+    MessageReceived, MessageRequeued, RepublishFailed, RetryScheduled, SettleFailed,
 };
 use crate::gate::AppGate;
 use crate::headers::{self, DeliveryInfo};
@@ -66,7 +66,13 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    pub fn new(spec: QueueSpec, prefetch: u16, concurrency: usize, limits: Limits, dispatcher: Dispatcher) -> Self {
+    pub fn new(
+        spec: QueueSpec,
+        prefetch: u16,
+        concurrency: usize,
+        limits: Limits,
+        dispatcher: Dispatcher,
+    ) -> Self {
         Subscription {
             spec,
             prefetch,
@@ -136,7 +142,11 @@ pub async fn run(sub: Arc<Subscription>, shared: Shared, mut sessions: Sessions)
                 }
             }
             Exit::Retry(error) => {
-                let delay = backoff(Duration::from_millis(500), Duration::from_secs(15), failures);
+                let delay = backoff(
+                    Duration::from_millis(500),
+                    Duration::from_secs(15),
+                    failures,
+                );
                 failures = failures.saturating_add(1);
                 tracing::warn!(queue = %queue, error = %error, retry_in_ms = delay.as_millis() as u64, "subscription failed; retrying");
                 tokio::select! {
@@ -194,7 +204,12 @@ async fn consume_session(sub: &Arc<Subscription>, shared: &Shared, session: &Arc
             consumer_number
         );
         let mut consumer = match channel
-            .basic_consume(queue.into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                queue.into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await
         {
             Ok(c) => c,
@@ -208,7 +223,15 @@ async fn consume_session(sub: &Arc<Subscription>, shared: &Shared, session: &Arc
         shared.health.set_consumer(queue, None);
         match ended {
             Pump::Shutdown => {
-                cancel_and_return_unstarted(shared, queue, &channel, &mut consumer, &tag, "shutdown").await;
+                cancel_and_return_unstarted(
+                    shared,
+                    queue,
+                    &channel,
+                    &mut consumer,
+                    &tag,
+                    "shutdown",
+                )
+                .await;
                 ConsumerStopped {
                     queue,
                     reason: Some(CancelReason::Shutdown),
@@ -217,7 +240,15 @@ async fn consume_session(sub: &Arc<Subscription>, shared: &Shared, session: &Arc
                 break Exit::Shutdown;
             }
             Pump::AppDown => {
-                cancel_and_return_unstarted(shared, queue, &channel, &mut consumer, &tag, "app unreachable").await;
+                cancel_and_return_unstarted(
+                    shared,
+                    queue,
+                    &channel,
+                    &mut consumer,
+                    &tag,
+                    "app unreachable",
+                )
+                .await;
                 ConsumerStopped {
                     queue,
                     reason: Some(CancelReason::AppDown),
@@ -231,13 +262,19 @@ async fn consume_session(sub: &Arc<Subscription>, shared: &Shared, session: &Arc
                 }
                 .emit(&shared.metrics);
                 break if session.is_connected() {
-                    Exit::Retry("consumer cancelled by the broker (queue deleted or failed over?)".into())
+                    Exit::Retry(
+                        "consumer cancelled by the broker (queue deleted or failed over?)".into(),
+                    )
                 } else {
                     Exit::Lost
                 };
             }
             Pump::Error(e) => {
-                ConsumerStopped { queue, reason: None }.emit(&shared.metrics);
+                ConsumerStopped {
+                    queue,
+                    reason: None,
+                }
+                .emit(&shared.metrics);
                 break lost_or(e);
             }
         }
@@ -248,15 +285,22 @@ async fn consume_session(sub: &Arc<Subscription>, shared: &Shared, session: &Arc
     exit
 }
 
-async fn open_consuming_channel(conn: &lapin::Connection, prefetch: u16) -> Result<Channel, lapin::Error> {
+async fn open_consuming_channel(
+    conn: &lapin::Connection,
+    prefetch: u16,
+) -> Result<Channel, lapin::Error> {
     let channel = conn.create_channel().await?;
-    channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
     Ok(channel)
 }
 
 async fn open_publishing_channel(conn: &lapin::Connection) -> Result<Channel, lapin::Error> {
     let channel = conn.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     Ok(channel)
 }
 
@@ -361,7 +405,13 @@ fn message_age(props: &BasicProperties) -> Option<Duration> {
     now.checked_sub(ts).map(Duration::from_secs)
 }
 
-async fn handle(sub: Arc<Subscription>, shared: Shared, session: Arc<Session>, publisher: Arc<Channel>, delivery: Delivery) {
+async fn handle(
+    sub: Arc<Subscription>,
+    shared: Shared,
+    session: Arc<Session>,
+    publisher: Arc<Channel>,
+    delivery: Delivery,
+) {
     let queue = sub.queue();
     let id = sub.next_id.fetch_add(1, Ordering::Relaxed);
     let msg_headers = delivery.properties.headers().as_ref();
@@ -381,8 +431,16 @@ async fn handle(sub: Arc<Subscription>, shared: Shared, session: Arc<Session>, p
         exchange: delivery.exchange.as_str(),
         routing_key: delivery.routing_key.as_str(),
         delivery_tag: delivery.delivery_tag,
-        message_id: delivery.properties.message_id().as_ref().map(|s| s.as_str()),
-        correlation_id: delivery.properties.correlation_id().as_ref().map(|s| s.as_str()),
+        message_id: delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str()),
+        correlation_id: delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.as_str()),
         body_size: delivery.data.len(),
         server_address: &session.host,
         server_port: session.port,
@@ -409,7 +467,10 @@ async fn process(
         let reason = DeadLetterReason::MaxDeliveries;
         trace.record_decision("dead_letter");
         let detail = "delivered more often than --max-deliveries without a decision (consumers died holding it)";
-        return dead_letter(sub, shared, publisher, delivery, attempt, reason, None, detail, trace).await;
+        return dead_letter(
+            sub, shared, publisher, delivery, attempt, reason, None, detail, trace,
+        )
+        .await;
     }
 
     // Wait for a slot; give the message back if the app goes down or we shut down meanwhile.
@@ -464,7 +525,13 @@ async fn process(
     }
     let decision = policy::decide(answer.outcome, attempt, &sub.limits, rand::random::<f64>());
     let outcome_label = match (decision, answer.outcome) {
-        (Decision::Retry { reason: policy::RetryReason::Timeout, .. }, Outcome::Retryable { status: None, .. }) => "timeout",
+        (
+            Decision::Retry {
+                reason: policy::RetryReason::Timeout,
+                ..
+            },
+            Outcome::Retryable { status: None, .. },
+        ) => "timeout",
         _ => decision.label(),
     };
     HandlerAnswered {
@@ -493,14 +560,36 @@ async fn process(
             false
         }
         Decision::DeadLetter { reason } => {
-            dead_letter(sub, shared, publisher, delivery, attempt, reason, answer.outcome.status(), &answer.detail, trace).await
+            dead_letter(
+                sub,
+                shared,
+                publisher,
+                delivery,
+                attempt,
+                reason,
+                answer.outcome.status(),
+                &answer.detail,
+                trace,
+            )
+            .await
         }
         Decision::Retry { reason, delay } => {
             let mut extra = FieldTable::default();
-            extra.insert(headers::ATTEMPTS.into(), AMQPValue::LongLongInt(i64::from(attempt)));
+            extra.insert(
+                headers::ATTEMPTS.into(),
+                AMQPValue::LongLongInt(i64::from(attempt)),
+            );
             put_status(&mut extra, answer.outcome.status(), &answer.detail);
             trace.inject_amqp(&mut extra);
-            match republish(publisher, &sub.spec.retry_queue, delivery, extra, Some(delay)).await {
+            match republish(
+                publisher,
+                &sub.spec.retry_queue,
+                delivery,
+                extra,
+                Some(delay),
+            )
+            .await
+            {
                 Ok(()) => {
                     RetryScheduled {
                         queue,
@@ -513,7 +602,12 @@ async fn process(
                     ack(shared, queue, delivery).await
                 }
                 Err(error) => {
-                    RepublishFailed { queue, what: "retry", error: &error }.emit(&shared.metrics);
+                    RepublishFailed {
+                        queue,
+                        what: "retry",
+                        error: &error,
+                    }
+                    .emit(&shared.metrics);
                     hold_then_requeue(sub, shared, delivery, attempt).await;
                     false
                 }
@@ -533,10 +627,16 @@ fn error_type(outcome: &Outcome) -> &'static str {
 
 fn put_status(extra: &mut FieldTable, status: Option<u16>, detail: &str) {
     if let Some(status) = status {
-        extra.insert(headers::LAST_STATUS.into(), AMQPValue::LongInt(i32::from(status)));
+        extra.insert(
+            headers::LAST_STATUS.into(),
+            AMQPValue::LongInt(i32::from(status)),
+        );
     }
     if !detail.is_empty() {
-        extra.insert(headers::LAST_ERROR.into(), AMQPValue::LongString(LongString::from(detail)));
+        extra.insert(
+            headers::LAST_ERROR.into(),
+            AMQPValue::LongString(LongString::from(detail)),
+        );
     }
 }
 
@@ -554,14 +654,37 @@ async fn dead_letter(
 ) -> bool {
     let queue = sub.queue();
     let mut extra = FieldTable::default();
-    extra.insert(headers::DL_REASON.into(), AMQPValue::LongString(reason.as_str().into()));
-    extra.insert(headers::ATTEMPTS.into(), AMQPValue::LongLongInt(i64::from(attempt)));
-    extra.insert(headers::ORIGINAL_EXCHANGE.into(), AMQPValue::LongString(delivery.exchange.as_str().into()));
-    extra.insert(headers::ORIGINAL_ROUTING_KEY.into(), AMQPValue::LongString(delivery.routing_key.as_str().into()));
-    extra.insert(headers::ORIGINAL_QUEUE.into(), AMQPValue::LongString(queue.into()));
+    extra.insert(
+        headers::DL_REASON.into(),
+        AMQPValue::LongString(reason.as_str().into()),
+    );
+    extra.insert(
+        headers::ATTEMPTS.into(),
+        AMQPValue::LongLongInt(i64::from(attempt)),
+    );
+    extra.insert(
+        headers::ORIGINAL_EXCHANGE.into(),
+        AMQPValue::LongString(delivery.exchange.as_str().into()),
+    );
+    extra.insert(
+        headers::ORIGINAL_ROUTING_KEY.into(),
+        AMQPValue::LongString(delivery.routing_key.as_str().into()),
+    );
+    extra.insert(
+        headers::ORIGINAL_QUEUE.into(),
+        AMQPValue::LongString(queue.into()),
+    );
     put_status(&mut extra, status, detail);
     trace.inject_amqp(&mut extra);
-    match republish(publisher, &sub.spec.dead_letter_queue, delivery, extra, None).await {
+    match republish(
+        publisher,
+        &sub.spec.dead_letter_queue,
+        delivery,
+        extra,
+        None,
+    )
+    .await
+    {
         Ok(()) => {
             DeadLettered {
                 queue,
@@ -639,11 +762,15 @@ async fn republish(
     };
     match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
         Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-        Ok(Ok(Confirmation::Ack(Some(_)))) => Err(format!("queue {queue:?} does not exist: the copy was returned")),
+        Ok(Ok(Confirmation::Ack(Some(_)))) => Err(format!(
+            "queue {queue:?} does not exist: the copy was returned"
+        )),
         Ok(Ok(Confirmation::Nack(_))) => Err("the broker refused the copy (nack)".into()),
         Ok(Ok(Confirmation::NotRequested)) => Err("publisher confirms are off".into()),
         Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no confirm within {CONFIRM_TIMEOUT:?} (is the connection blocked?)")),
+        Err(_) => Err(format!(
+            "no confirm within {CONFIRM_TIMEOUT:?} (is the connection blocked?)"
+        )),
     }
 }
 
@@ -692,4 +819,3 @@ fn strip_expiration(props: BasicProperties) -> BasicProperties {
     }
     out
 }
-

@@ -88,7 +88,9 @@ impl Dispatcher {
                     };
                     (outcome, detail)
                 }
-                Err(e) if e.is_connect() => (Outcome::Unreachable, "connection refused".to_string()),
+                Err(e) if e.is_connect() => {
+                    (Outcome::Unreachable, "connection refused".to_string())
+                }
                 Err(e) => {
                     let detail = format!("connection closed before an answer: {}", error_chain(&e));
                     if self.probe.probe().await {
@@ -172,7 +174,11 @@ pub struct Prober {
 }
 
 impl Prober {
-    fn new(target: Uri, health_url: Option<Uri>, client: Client<HttpConnector, Full<Bytes>>) -> Self {
+    fn new(
+        target: Uri,
+        health_url: Option<Uri>,
+        client: Client<HttpConnector, Full<Bytes>>,
+    ) -> Self {
         Prober {
             target,
             health_url,
@@ -193,10 +199,15 @@ impl Prober {
                 )
             }
             None => {
-                let host = self.target.host().unwrap_or("127.0.0.1").trim_matches(['[', ']']);
+                let host = self
+                    .target
+                    .host()
+                    .unwrap_or("127.0.0.1")
+                    .trim_matches(['[', ']']);
                 let port = self.target.port_u16().unwrap_or(80);
                 matches!(
-                    tokio::time::timeout(deadline, tokio::net::TcpStream::connect((host, port))).await,
+                    tokio::time::timeout(deadline, tokio::net::TcpStream::connect((host, port)))
+                        .await,
                     Ok(Ok(_))
                 )
             }

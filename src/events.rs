@@ -49,7 +49,11 @@ pub struct ConnectFailed<'a> {
 impl Event for ConnectFailed<'_> {
     fn emit(self, m: &Metrics) {
         m.connect_failures.inc();
-        warn!(node = self.node, error = self.error, "could not connect to broker node");
+        warn!(
+            node = self.node,
+            error = self.error,
+            "could not connect to broker node"
+        );
     }
 }
 
@@ -63,8 +67,15 @@ impl Event for ConnectionLost<'_> {
     fn emit(self, m: &Metrics) {
         m.connection_up.set(0);
         m.connection_blocked.set(0);
-        m.connection_losses.with_label_values(&[self.reason.as_str()]).inc();
-        warn!(node = self.node, reason = self.reason.as_str(), error = self.error, "lost the broker connection; reconnecting");
+        m.connection_losses
+            .with_label_values(&[self.reason.as_str()])
+            .inc();
+        warn!(
+            node = self.node,
+            reason = self.reason.as_str(),
+            error = self.error,
+            "lost the broker connection; reconnecting"
+        );
     }
 }
 
@@ -77,7 +88,10 @@ impl Event for ConnectionBlocked<'_> {
     fn emit(self, m: &Metrics) {
         m.connection_blocked.set(i64::from(self.blocked));
         if self.blocked {
-            warn!(reason = self.reason, "the broker blocked the connection (resource alarm): publishing waits");
+            warn!(
+                reason = self.reason,
+                "the broker blocked the connection (resource alarm): publishing waits"
+            );
         } else {
             info!("the broker unblocked the connection");
         }
@@ -112,9 +126,17 @@ impl Event for ConsumerStopped<'_> {
                     .with_label_values(&[self.queue, reason.as_str()])
                     .inc();
                 match reason {
-                    CancelReason::Broker => warn!(queue = self.queue, "the broker cancelled the consumer; re-establishing it"),
-                    CancelReason::AppDown => warn!(queue = self.queue, "the app is unreachable: consumer cancelled so other replicas take the work"),
-                    CancelReason::Shutdown => info!(queue = self.queue, "consumer cancelled for shutdown"),
+                    CancelReason::Broker => warn!(
+                        queue = self.queue,
+                        "the broker cancelled the consumer; re-establishing it"
+                    ),
+                    CancelReason::AppDown => warn!(
+                        queue = self.queue,
+                        "the app is unreachable: consumer cancelled so other replicas take the work"
+                    ),
+                    CancelReason::Shutdown => {
+                        info!(queue = self.queue, "consumer cancelled for shutdown")
+                    }
                 }
             }
             None => debug!(queue = self.queue, "consumer gone with its channel"),
@@ -136,11 +158,20 @@ impl Event for MessageReceived<'_> {
         if self.redelivered {
             m.redeliveries.with_label_values(&[self.queue]).inc();
         }
-        m.last_delivery.with_label_values(&[self.queue]).set(now_seconds());
+        m.last_delivery
+            .with_label_values(&[self.queue])
+            .set(now_seconds());
         if let Some(age) = self.age {
-            m.message_age.with_label_values(&[self.queue]).observe(age.as_secs_f64());
+            m.message_age
+                .with_label_values(&[self.queue])
+                .observe(age.as_secs_f64());
         }
-        debug!(queue = self.queue, attempt = self.attempt, redelivered = self.redelivered, "message received");
+        debug!(
+            queue = self.queue,
+            attempt = self.attempt,
+            redelivered = self.redelivered,
+            "message received"
+        );
     }
 }
 
@@ -177,7 +208,9 @@ pub struct MessageAcked<'a> {
 impl Event for MessageAcked<'_> {
     fn emit(self, m: &Metrics) {
         m.acks.with_label_values(&[self.queue]).inc();
-        m.last_ack.with_label_values(&[self.queue]).set(now_seconds());
+        m.last_ack
+            .with_label_values(&[self.queue])
+            .set(now_seconds());
         m.delivery_attempts
             .with_label_values(&[self.queue])
             .observe(f64::from(self.attempt));
@@ -193,7 +226,11 @@ pub struct MessageRequeued<'a> {
 impl Event for MessageRequeued<'_> {
     fn emit(self, m: &Metrics) {
         m.nacks.with_label_values(&[self.queue, "true"]).inc();
-        info!(queue = self.queue, why = self.why, "message returned to the queue");
+        info!(
+            queue = self.queue,
+            why = self.why,
+            "message returned to the queue"
+        );
     }
 }
 
@@ -210,7 +247,9 @@ impl Event for RetryScheduled<'_> {
         m.retries
             .with_label_values(&[self.queue, self.reason.as_str()])
             .inc();
-        m.last_ack.with_label_values(&[self.queue]).set(now_seconds());
+        m.last_ack
+            .with_label_values(&[self.queue])
+            .set(now_seconds());
         info!(
             queue = self.queue,
             reason = self.reason.as_str(),
@@ -235,7 +274,9 @@ impl Event for DeadLettered<'_> {
         m.dead_letters
             .with_label_values(&[self.queue, self.reason.as_str()])
             .inc();
-        m.last_ack.with_label_values(&[self.queue]).set(now_seconds());
+        m.last_ack
+            .with_label_values(&[self.queue])
+            .set(now_seconds());
         m.delivery_attempts
             .with_label_values(&[self.queue])
             .observe(f64::from(self.attempt));
@@ -260,9 +301,16 @@ pub struct RepublishFailed<'a> {
 impl Event for RepublishFailed<'_> {
     fn emit(self, m: &Metrics) {
         if self.what == "dead_letter" {
-            m.dead_letter_failures.with_label_values(&[self.queue]).inc();
+            m.dead_letter_failures
+                .with_label_values(&[self.queue])
+                .inc();
         }
-        error!(queue = self.queue, what = self.what, error = self.error, "the broker did not confirm the copy; the original goes back to the queue");
+        error!(
+            queue = self.queue,
+            what = self.what,
+            error = self.error,
+            "the broker did not confirm the copy; the original goes back to the queue"
+        );
     }
 }
 
@@ -273,7 +321,11 @@ pub struct SettleFailed<'a> {
 
 impl Event for SettleFailed<'_> {
     fn emit(self, _m: &Metrics) {
-        warn!(queue = self.queue, error = self.error, "could not settle a message (its channel is gone); the broker will redeliver it");
+        warn!(
+            queue = self.queue,
+            error = self.error,
+            "could not settle a message (its channel is gone); the broker will redeliver it"
+        );
     }
 }
 
@@ -300,7 +352,9 @@ pub struct AckTimeoutWarning<'a> {
 
 impl Event for AckTimeoutWarning<'_> {
     fn emit(self, m: &Metrics) {
-        m.ack_timeout_warnings.with_label_values(&[self.queue]).inc();
+        m.ack_timeout_warnings
+            .with_label_values(&[self.queue])
+            .inc();
         warn!(
             queue = self.queue,
             age_s = self.age.as_secs(),

@@ -67,19 +67,37 @@ pub fn to_http(info: &DeliveryInfo<'_>) -> HeaderMap {
             h.insert(HeaderName::from_static(name), v);
         }
     };
-    put("content-encoding", p.content_encoding().as_ref().map(|s| s.as_str()));
-    put("x-amqp-message-id", p.message_id().as_ref().map(|s| s.as_str()));
-    put("x-amqp-correlation-id", p.correlation_id().as_ref().map(|s| s.as_str()));
+    put(
+        "content-encoding",
+        p.content_encoding().as_ref().map(|s| s.as_str()),
+    );
+    put(
+        "x-amqp-message-id",
+        p.message_id().as_ref().map(|s| s.as_str()),
+    );
+    put(
+        "x-amqp-correlation-id",
+        p.correlation_id().as_ref().map(|s| s.as_str()),
+    );
     put("x-amqp-reply-to", p.reply_to().as_ref().map(|s| s.as_str()));
     put("x-amqp-type", p.kind().as_ref().map(|s| s.as_str()));
     put("x-amqp-app-id", p.app_id().as_ref().map(|s| s.as_str()));
     put("x-amqp-user-id", p.user_id().as_ref().map(|s| s.as_str()));
-    put("x-amqp-timestamp", p.timestamp().map(|t| t.to_string()).as_deref());
-    put("x-amqp-priority", p.priority().map(|t| t.to_string()).as_deref());
+    put(
+        "x-amqp-timestamp",
+        p.timestamp().map(|t| t.to_string()).as_deref(),
+    );
+    put(
+        "x-amqp-priority",
+        p.priority().map(|t| t.to_string()).as_deref(),
+    );
     put("x-amqp-exchange", Some(info.exchange));
     put("x-amqp-routing-key", Some(info.routing_key));
     put("x-amqp-queue", Some(info.queue));
-    put("x-amqp-redelivered", Some(if info.redelivered { "true" } else { "false" }));
+    put(
+        "x-amqp-redelivered",
+        Some(if info.redelivered { "true" } else { "false" }),
+    );
     put("x-amqp-attempt", Some(&info.attempt.to_string()));
     if let Some(table) = p.headers() {
         for (name, value) in table.inner() {
@@ -87,7 +105,8 @@ pub fn to_http(info: &DeliveryInfo<'_>) -> HeaderMap {
             if name.eq_ignore_ascii_case("traceparent") || name.eq_ignore_ascii_case("tracestate") {
                 continue;
             }
-            let Ok(header) = HeaderName::from_bytes(format!("x-amqp-header-{name}").as_bytes()) else {
+            let Ok(header) = HeaderName::from_bytes(format!("x-amqp-header-{name}").as_bytes())
+            else {
                 continue;
             };
             if let Some(v) = scalar_text(value).as_deref().and_then(header_value) {
@@ -208,13 +227,31 @@ mod tests {
         nested.insert("a".into(), AMQPValue::LongInt(1));
         let mut table = FieldTable::default();
         table.insert("nested".into(), AMQPValue::FieldTable(nested));
-        table.insert("list".into(), AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::Boolean(true)])));
-        table.insert("bytes".into(), AMQPValue::ByteArray(ByteArray::from(vec![0u8, 255])));
+        table.insert(
+            "list".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::Boolean(true)])),
+        );
+        table.insert(
+            "bytes".into(),
+            AMQPValue::ByteArray(ByteArray::from(vec![0u8, 255])),
+        );
         table.insert("bad name".into(), AMQPValue::LongString("x".into()));
-        table.insert("ctl".into(), AMQPValue::LongString("a\r\nInjected: 1".into()));
-        table.insert("latin1".into(), AMQPValue::LongString(LongString::from(vec![0xe9u8, 0xff])));
-        table.insert("huge".into(), AMQPValue::LongString("x".repeat(100_000).into()));
-        table.insert(ShortString::from("ok"), AMQPValue::ShortString("fine".into()));
+        table.insert(
+            "ctl".into(),
+            AMQPValue::LongString("a\r\nInjected: 1".into()),
+        );
+        table.insert(
+            "latin1".into(),
+            AMQPValue::LongString(LongString::from(vec![0xe9u8, 0xff])),
+        );
+        table.insert(
+            "huge".into(),
+            AMQPValue::LongString("x".repeat(100_000).into()),
+        );
+        table.insert(
+            ShortString::from("ok"),
+            AMQPValue::ShortString("fine".into()),
+        );
         let props = BasicProperties::default()
             .with_content_type("not a\nvalid type".into())
             .with_headers(table);

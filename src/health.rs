@@ -277,7 +277,13 @@ impl Health {
     /// sidecar infers it: a registered consumer that is not single-active is active; a
     /// single-active one is active when it is the queue's only consumer or has received a
     /// delivery within `recent`, and standby otherwise.
-    pub fn infer_active(&self, queue: &str, single_active: bool, consumers_on_queue: Option<i64>, recent: Duration) -> bool {
+    pub fn infer_active(
+        &self,
+        queue: &str,
+        single_active: bool,
+        consumers_on_queue: Option<i64>,
+        recent: Duration,
+    ) -> bool {
         self.with_sub(queue, |s| {
             if !s.consumer_up || s.state == State::PausedAppDown {
                 return false;
@@ -287,7 +293,8 @@ impl Health {
             }
             consumers_on_queue == Some(1)
                 || !s.in_flight.is_empty()
-                || s.last_delivery_instant.is_some_and(|t| t.elapsed() < recent)
+                || s.last_delivery_instant
+                    .is_some_and(|t| t.elapsed() < recent)
         })
         .unwrap_or(false)
     }
@@ -355,7 +362,10 @@ impl Health {
                 reason: if standby.is_empty() {
                     "consuming".into()
                 } else {
-                    format!("standing by (single active consumer) on {}", standby.join(", "))
+                    format!(
+                        "standing by (single active consumer) on {}",
+                        standby.join(", ")
+                    )
                 },
             }
         })

@@ -17,7 +17,11 @@ fn load(mode: Mode, args: Vec<OsString>) -> Result<Config, ExitCode> {
         Ok(f) => f,
         Err(e) => {
             let _ = e.print();
-            return Err(if e.use_stderr() { ExitCode::from(EX_USAGE) } else { ExitCode::SUCCESS });
+            return Err(if e.use_stderr() {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            });
         }
     };
     Layers::collect(flags, &ProcessEnv)
@@ -112,7 +116,10 @@ async fn main() -> ExitCode {
 
 async fn signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };
@@ -129,7 +136,8 @@ async fn healthcheck(args: &[OsString]) -> ExitCode {
     let url = match args {
         [flag, url] if flag == "--url" => url.to_string_lossy().into_owned(),
         [] => {
-            let listen = std::env::var(env_name("listen")).unwrap_or_else(|_| "0.0.0.0:9102".into());
+            let listen =
+                std::env::var(env_name("listen")).unwrap_or_else(|_| "0.0.0.0:9102".into());
             let port = listen.rsplit(':').next().unwrap_or("9102").to_string();
             format!("http://127.0.0.1:{port}/healthz")
         }

@@ -28,7 +28,11 @@ impl Management {
         };
         let authorization = userinfo.map(|u| format!("Basic {}", base64(u.as_bytes())));
         Management {
-            base: format!("{}://{hostport}{}", url.scheme_str().unwrap_or("http"), url.path().trim_end_matches('/')),
+            base: format!(
+                "{}://{hostport}{}",
+                url.scheme_str().unwrap_or("http"),
+                url.path().trim_end_matches('/')
+            ),
             authorization,
             vhost: "%2F".into(),
             client: Client::builder(TokioExecutor::new()).build_http(),
@@ -37,10 +41,16 @@ impl Management {
 
     /// Whether `tag` is the active consumer of `queue`; `None` when the API cannot tell.
     pub async fn consumer_active(&self, queue: &str, tag: &str) -> Option<bool> {
-        let url = format!("{}/api/queues/{}/{}", self.base, self.vhost, percent_encode(queue));
+        let url = format!(
+            "{}/api/queues/{}/{}",
+            self.base,
+            self.vhost,
+            percent_encode(queue)
+        );
         let mut req = Request::get(url).body(Empty::new()).ok()?;
         if let Some(auth) = &self.authorization {
-            req.headers_mut().insert(hyper::header::AUTHORIZATION, auth.parse().ok()?);
+            req.headers_mut()
+                .insert(hyper::header::AUTHORIZATION, auth.parse().ok()?);
         }
         let resp = tokio::time::timeout(Duration::from_secs(3), self.client.request(req))
             .await
@@ -49,7 +59,11 @@ impl Management {
         if !resp.status().is_success() {
             return None;
         }
-        let body = Limited::new(resp.into_body(), 4 << 20).collect().await.ok()?.to_bytes();
+        let body = Limited::new(resp.into_body(), 4 << 20)
+            .collect()
+            .await
+            .ok()?
+            .to_bytes();
         let doc: serde_json::Value = serde_json::from_slice(&body).ok()?;
         doc.get("consumer_details")?
             .as_array()?
@@ -75,7 +89,11 @@ fn base64(input: &[u8]) -> String {
     const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in input.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {

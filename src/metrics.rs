@@ -5,8 +5,8 @@
 //! Nothing outside [`crate::events`] and the health/status collectors writes to these.
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::policy::{DeadLetterReason, RetryReason};
@@ -60,7 +60,11 @@ pub enum CancelReason {
 }
 
 impl CancelReason {
-    pub const ALL: [CancelReason; 3] = [CancelReason::Broker, CancelReason::AppDown, CancelReason::Shutdown];
+    pub const ALL: [CancelReason; 3] = [
+        CancelReason::Broker,
+        CancelReason::AppDown,
+        CancelReason::Shutdown,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -126,7 +130,13 @@ fn float_gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Gau
     m
 }
 
-fn histogram_vec(r: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
+fn histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
     let m = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
         .expect("valid metric definition");
     r.register(Box::new(m.clone())).expect("unique metric name");
@@ -310,15 +320,22 @@ impl Metrics {
             registry: r,
         };
         let build = IntGaugeVec::new(
-            Opts::new("rabbit_sidecar_build_info", "Build information; the value is always 1."),
+            Opts::new(
+                "rabbit_sidecar_build_info",
+                "Build information; the value is always 1.",
+            ),
             &["version"],
         )
         .expect("valid metric definition");
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        m.registry.register(Box::new(build)).expect("unique metric name");
+        m.registry
+            .register(Box::new(build))
+            .expect("unique metric name");
         #[cfg(target_os = "linux")]
         m.registry
-            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
             .expect("unique metric name");
         for reason in LossReason::ALL {
             m.connection_losses.with_label_values(&[reason.as_str()]);
@@ -344,7 +361,8 @@ impl Metrics {
         }
         self.dead_letter_failures.with_label_values(&[queue]);
         for r in CancelReason::ALL {
-            self.consumer_cancellations.with_label_values(&[queue, r.as_str()]);
+            self.consumer_cancellations
+                .with_label_values(&[queue, r.as_str()]);
         }
         self.ack_timeout_warnings.with_label_values(&[queue]);
         self.consumer_up.with_label_values(&[queue]);
@@ -377,7 +395,10 @@ impl Metrics {
 
     /// Every family name this sidecar exports (for the dashboards/alerts contract check).
     pub fn family_names(&self) -> Vec<String> {
-        self.registry.gather().iter().map(|f| f.name().to_string()).collect()
+        self.registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect()
     }
 }
-

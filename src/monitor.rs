@@ -47,7 +47,7 @@ pub async fn run(
         .consumer_timeout
         .set(config.consumer_timeout.as_secs_f64());
     let warn_at = config.consumer_timeout.mul_f64(0.8);
-    let management = config.management_url.clone().map(Management::new);
+    let management = config.management_url.clone().map(|u| Management::new(u.0));
     let mut fast = tokio::time::interval(Duration::from_secs(1));
     let mut slow = tokio::time::interval(config.queue_poll_interval);
     loop {

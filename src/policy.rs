@@ -94,7 +94,8 @@ pub enum DeadLetterReason {
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 2] = [DeadLetterReason::Rejected, DeadLetterReason::MaxDeliveries];
+    pub const ALL: [DeadLetterReason; 2] =
+        [DeadLetterReason::Rejected, DeadLetterReason::MaxDeliveries];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -109,8 +110,13 @@ impl DeadLetterReason {
 pub enum Decision {
     Ack,
     /// Park a copy for `delay`, then try again; `attempt` failed attempts are recorded on it.
-    Retry { reason: RetryReason, delay: Duration },
-    DeadLetter { reason: DeadLetterReason },
+    Retry {
+        reason: RetryReason,
+        delay: Duration,
+    },
+    DeadLetter {
+        reason: DeadLetterReason,
+    },
     /// Give the message back to the broker untouched and pause: the app is down.
     Requeue,
 }
@@ -208,15 +214,40 @@ mod tests {
             (Outcome::from_status(500), 3, dl(MaxDeliveries)),
             (Outcome::from_status(429), 4, dl(MaxDeliveries)),
             (Outcome::from_status(302), 1, retry(ServerError, 1)),
-            (Outcome::Retryable { reason: Timeout, status: None }, 1, retry(Timeout, 1)),
-            (Outcome::Retryable { reason: Timeout, status: None }, 3, dl(MaxDeliveries)),
-            (Outcome::Retryable { reason: ConnectionReset, status: None }, 2, retry(ConnectionReset, 2)),
+            (
+                Outcome::Retryable {
+                    reason: Timeout,
+                    status: None,
+                },
+                1,
+                retry(Timeout, 1),
+            ),
+            (
+                Outcome::Retryable {
+                    reason: Timeout,
+                    status: None,
+                },
+                3,
+                dl(MaxDeliveries),
+            ),
+            (
+                Outcome::Retryable {
+                    reason: ConnectionReset,
+                    status: None,
+                },
+                2,
+                retry(ConnectionReset, 2),
+            ),
             (Outcome::Unreachable, 1, Decision::Requeue),
             (Outcome::Unreachable, 3, Decision::Requeue),
             (Outcome::Unreachable, 99, Decision::Requeue),
         ];
         for (outcome, attempt, want) in cases {
-            assert_eq!(decide(*outcome, *attempt, &LIMITS, 0.0), *want, "{outcome:?} attempt {attempt}");
+            assert_eq!(
+                decide(*outcome, *attempt, &LIMITS, 0.0),
+                *want,
+                "{outcome:?} attempt {attempt}"
+            );
         }
     }
 

@@ -23,7 +23,11 @@ use crate::topology::QueueSpec;
 
 /// Runs the sidecar until `shutdown` is cancelled, then drains. The admin server is served on
 /// `admin_listener` (bind it first, so tests can use port 0).
-pub async fn run(config: Config, admin_listener: std::net::TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn run(
+    config: Config,
+    admin_listener: std::net::TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let config = Arc::new(config);
     let queues = vec![config.queue.clone()];
     let queue_refs: Vec<&str> = queues.iter().map(String::as_str).collect();
@@ -60,7 +64,11 @@ pub async fn run(config: Config, admin_listener: std::net::TcpListener, shutdown
         monitor_stop.clone(),
     ));
 
-    let dispatcher = Dispatcher::new(config.target_url.clone(), config.handler_timeout, config.app_health_url.clone());
+    let dispatcher = Dispatcher::new(
+        config.target_url.clone(),
+        config.handler_timeout,
+        config.app_health_url.clone(),
+    );
     let shared = Shared {
         metrics: metrics.clone(),
         health: health.clone(),
@@ -93,16 +101,26 @@ pub async fn run(config: Config, admin_listener: std::net::TcpListener, shutdown
         },
         dispatcher,
     ));
-    let loops = vec![tokio::spawn(consumer::run(subscription, shared.clone(), sessions.clone()))];
+    let loops = vec![tokio::spawn(consumer::run(
+        subscription,
+        shared.clone(),
+        sessions.clone(),
+    ))];
 
     shutdown.cancelled().await;
-    tracing::info!(grace_s = config.shutdown_grace.as_secs_f64(), "shutting down: no new messages; waiting for in-flight ones");
+    tracing::info!(
+        grace_s = config.shutdown_grace.as_secs_f64(),
+        "shutting down: no new messages; waiting for in-flight ones"
+    );
     health.set_draining();
     for l in loops {
         let _ = l.await;
     }
     shared.tasks.close();
-    if tokio::time::timeout(config.shutdown_grace, shared.tasks.wait()).await.is_err() {
+    if tokio::time::timeout(config.shutdown_grace, shared.tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown grace over: returning unfinished messages to the queue");
         shared.hard_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), shared.tasks.wait()).await;

@@ -15,7 +15,9 @@ impl FromStr for LogFormat {
         match s {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
-            other => Err(format!("{other:?} is not a log format: expected \"text\" or \"json\"")),
+            other => Err(format!(
+                "{other:?} is not a log format: expected \"text\" or \"json\""
+            )),
         }
     }
 }
@@ -36,7 +38,9 @@ impl Telemetry {
     pub fn init(format: LogFormat) -> Result<Telemetry, String> {
         use tracing_subscriber::EnvFilter;
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-        let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        let b = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr);
         let r = match format {
             LogFormat::Text => b.try_init(),
             LogFormat::Json => b.json().try_init(),

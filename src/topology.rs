@@ -27,7 +27,9 @@ pub struct QueueSpec {
 pub enum TopologyError {
     #[error("queue {0:?} does not exist (start with --declare to create it)")]
     Missing(String),
-    #[error("queue {queue:?} exists with different arguments than requested ({detail}); delete it or drop the conflicting flags")]
+    #[error(
+        "queue {queue:?} exists with different arguments than requested ({detail}); delete it or drop the conflicting flags"
+    )]
     Conflict { queue: String, detail: String },
     #[error("declaring {queue:?}: {error}")]
     Broker { queue: String, error: lapin::Error },
@@ -73,7 +75,11 @@ async fn declare_on_fresh_channel(
 }
 
 /// Declares `name` if it is missing; leaves an existing queue as it is.
-async fn ensure(connection: &Connection, name: &str, arguments: FieldTable) -> Result<(), TopologyError> {
+async fn ensure(
+    connection: &Connection,
+    name: &str,
+    arguments: FieldTable,
+) -> Result<(), TopologyError> {
     match declare_on_fresh_channel(connection, name, true, FieldTable::default()).await {
         Ok(()) => return Ok(()),
         Err(e) if reply_code(&e) == Some(404) => {}
@@ -87,7 +93,11 @@ async fn ensure(connection: &Connection, name: &str, arguments: FieldTable) -> R
     declare(connection, name, arguments).await
 }
 
-async fn declare(connection: &Connection, name: &str, arguments: FieldTable) -> Result<(), TopologyError> {
+async fn declare(
+    connection: &Connection,
+    name: &str,
+    arguments: FieldTable,
+) -> Result<(), TopologyError> {
     declare_on_fresh_channel(connection, name, false, arguments)
         .await
         .map_err(|error| match reply_code(&error) {
@@ -123,7 +133,9 @@ pub async fn prepare(connection: &Connection, spec: &QueueSpec) -> Result<(), To
     } else {
         match declare_on_fresh_channel(connection, &spec.queue, true, FieldTable::default()).await {
             Ok(()) => {}
-            Err(e) if reply_code(&e) == Some(404) => return Err(TopologyError::Missing(spec.queue.clone())),
+            Err(e) if reply_code(&e) == Some(404) => {
+                return Err(TopologyError::Missing(spec.queue.clone()));
+            }
             Err(error) => {
                 return Err(TopologyError::Broker {
                     queue: spec.queue.clone(),

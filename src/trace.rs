@@ -24,7 +24,11 @@ pub struct MessageTrace {
 impl MessageTrace {
     pub fn start(meta: &DeliveryMeta<'_>) -> MessageTrace {
         MessageTrace {
-            span: tracing::info_span!("process", queue = meta.queue, delivery_tag = meta.delivery_tag),
+            span: tracing::info_span!(
+                "process",
+                queue = meta.queue,
+                delivery_tag = meta.delivery_tag
+            ),
         }
     }
     pub fn span(&self) -> &tracing::Span {

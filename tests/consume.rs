@@ -12,8 +12,23 @@ use common::*;
 
 fn args<'a>(queue: &'a str, app: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut a = vec![
-        "--amqp-url", AMQP, "--queue", queue, "--target-url", app, "--declare", "--queue-type", "classic",
-        "--retry-backoff", "100ms", "--heartbeat", "2s", "--app-probe-interval", "200ms", "--queue-poll-interval", "500ms",
+        "--amqp-url",
+        AMQP,
+        "--queue",
+        queue,
+        "--target-url",
+        app,
+        "--declare",
+        "--queue-type",
+        "classic",
+        "--retry-backoff",
+        "100ms",
+        "--heartbeat",
+        "2s",
+        "--app-probe-interval",
+        "200ms",
+        "--queue-poll-interval",
+        "500ms",
     ];
     a.extend_from_slice(extra);
     a
@@ -33,8 +48,17 @@ async fn acks_on_2xx_and_maps_headers() {
     let sidecar = Sidecar::spawn(&args(&queue, &url, &[]));
     sidecar.wait_ready(Duration::from_secs(20)).await;
     let ids = broker.publish_n(&queue, 50, "m").await;
-    assert!(eventually(Duration::from_secs(20), || async { app.count() >= 50 }).await, "app got {}", app.count());
-    assert!(eventually(Duration::from_secs(10), || async { broker.count(&queue).await == Some((0, 1)) }).await);
+    assert!(
+        eventually(Duration::from_secs(20), || async { app.count() >= 50 }).await,
+        "app got {}",
+        app.count()
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            broker.count(&queue).await == Some((0, 1))
+        })
+        .await
+    );
     let got: HashSet<String> = app.ids().into_iter().collect();
     assert_eq!(got, ids.into_iter().collect::<HashSet<_>>());
     let r = &app.received()[0];
@@ -42,15 +66,38 @@ async fn acks_on_2xx_and_maps_headers() {
     assert_eq!(r.header("x-amqp-attempt"), Some("1"));
     assert_eq!(r.header("x-amqp-queue"), Some(queue.as_str()));
     assert!(r.header("x-amqp-message-id").unwrap().starts_with("m-"));
-    assert!(eventually(Duration::from_secs(5), || async {
-        sidecar.metric(&format!("rabbit_sidecar_acks_total{{{}}}", q(&queue))).await == 50.0
-    })
-    .await);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            sidecar
+                .metric(&format!("rabbit_sidecar_acks_total{{{}}}", q(&queue)))
+                .await
+                == 50.0
+        })
+        .await
+    );
     let m = sidecar.metrics().await;
-    assert_eq!(metric_value(&m, &format!("rabbit_sidecar_deliveries_total{{{}}}", q(&queue))), Some(50.0));
+    assert_eq!(
+        metric_value(
+            &m,
+            &format!("rabbit_sidecar_deliveries_total{{{}}}", q(&queue))
+        ),
+        Some(50.0)
+    );
     assert_eq!(metric_value(&m, "rabbit_sidecar_connection_up"), Some(1.0));
-    assert_eq!(metric_value(&m, &format!("rabbit_sidecar_consumer_up{{{}}}", q(&queue))), Some(1.0));
-    assert_eq!(metric_value(&m, &format!("rabbit_sidecar_dead_letters_total{{{},reason=\"rejected\"}}", q(&queue))), Some(0.0));
+    assert_eq!(
+        metric_value(&m, &format!("rabbit_sidecar_consumer_up{{{}}}", q(&queue))),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            &format!(
+                "rabbit_sidecar_dead_letters_total{{{},reason=\"rejected\"}}",
+                q(&queue)
+            )
+        ),
+        Some(0.0)
+    );
     broker.cleanup().await;
 }
 
@@ -64,24 +111,59 @@ async fn a_400_is_dead_lettered_at_once_with_reasons() {
     let url = app.url();
     let sidecar = Sidecar::spawn(&args(&queue, &url, &[]));
     sidecar.wait_ready(Duration::from_secs(20)).await;
-    broker.publish(&queue, b"poison", lapin::BasicProperties::default().with_message_id("p1".into())).await;
+    broker
+        .publish(
+            &queue,
+            b"poison",
+            lapin::BasicProperties::default().with_message_id("p1".into()),
+        )
+        .await;
     broker.publish(&queue, b"fine", Default::default()).await;
     let dlq = format!("{queue}.dead-letter");
-    assert!(eventually(Duration::from_secs(15), || async { broker.count(&dlq).await.map(|c| c.0) == Some(1) }).await);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            broker.count(&dlq).await.map(|c| c.0) == Some(1)
+        })
+        .await
+    );
     let dead = broker.drain(&dlq).await;
     assert_eq!(dead.len(), 1);
     let (body, props) = &dead[0];
     assert_eq!(body, b"poison");
-    assert_eq!(header_str(props, "x-sidecar-dead-letter-reason").as_deref(), Some("rejected"));
-    assert_eq!(header_str(props, "x-sidecar-last-status").as_deref(), Some("400"));
-    assert_eq!(header_str(props, "x-sidecar-attempts").as_deref(), Some("1"));
-    assert_eq!(header_str(props, "x-sidecar-original-queue").as_deref(), Some(queue.as_str()));
+    assert_eq!(
+        header_str(props, "x-sidecar-dead-letter-reason").as_deref(),
+        Some("rejected")
+    );
+    assert_eq!(
+        header_str(props, "x-sidecar-last-status").as_deref(),
+        Some("400")
+    );
+    assert_eq!(
+        header_str(props, "x-sidecar-attempts").as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        header_str(props, "x-sidecar-original-queue").as_deref(),
+        Some(queue.as_str())
+    );
     assert_eq!(props.message_id().as_ref().map(|s| s.as_str()), Some("p1"));
-    assert_eq!(app.received().iter().filter(|r| r.id() == "poison").count(), 1, "no retry of a 4xx");
-    assert!(eventually(Duration::from_secs(5), || async {
-        sidecar.metric(&format!("rabbit_sidecar_dead_letters_total{{{},reason=\"rejected\"}}", q(&queue))).await == 1.0
-    })
-    .await);
+    assert_eq!(
+        app.received().iter().filter(|r| r.id() == "poison").count(),
+        1,
+        "no retry of a 4xx"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            sidecar
+                .metric(&format!(
+                    "rabbit_sidecar_dead_letters_total{{{},reason=\"rejected\"}}",
+                    q(&queue)
+                ))
+                .await
+                == 1.0
+        })
+        .await
+    );
     broker.cleanup().await;
 }
 
@@ -93,7 +175,11 @@ async fn retries_then_dead_letters(quorum: bool) {
     app.answer(|r| if r.id() == "bad" { 500 } else { 200 });
     let url = app.url();
     let qtype = if quorum { "quorum" } else { "classic" };
-    let mut a = args(&queue, &url, &["--max-deliveries", "3", "--retry-backoff", "300ms"]);
+    let mut a = args(
+        &queue,
+        &url,
+        &["--max-deliveries", "3", "--retry-backoff", "300ms"],
+    );
     let i = a.iter().position(|x| *x == "classic").unwrap();
     a[i] = qtype;
     let sidecar = Sidecar::spawn(&a);
@@ -102,28 +188,77 @@ async fn retries_then_dead_letters(quorum: bool) {
     broker.publish_n(&queue, 5, "ok").await;
     let dlq = format!("{queue}.dead-letter");
     assert!(
-        eventually(Duration::from_secs(30), || async { broker.count(&dlq).await.map(|c| c.0) == Some(1) }).await,
+        eventually(Duration::from_secs(30), || async {
+            broker.count(&dlq).await.map(|c| c.0) == Some(1)
+        })
+        .await,
         "dead-lettered after max deliveries; logs:\n{}",
         sidecar.logs()
     );
-    let tries: Vec<_> = app.received().into_iter().filter(|r| r.id() == "bad").collect();
+    let tries: Vec<_> = app
+        .received()
+        .into_iter()
+        .filter(|r| r.id() == "bad")
+        .collect();
     assert_eq!(tries.len(), 3, "exactly --max-deliveries attempts");
-    let attempts: Vec<_> = tries.iter().map(|r| r.header("x-amqp-attempt").unwrap().to_string()).collect();
+    let attempts: Vec<_> = tries
+        .iter()
+        .map(|r| r.header("x-amqp-attempt").unwrap().to_string())
+        .collect();
     assert_eq!(attempts, ["1", "2", "3"]);
     // Never faster than the backoff: 300ms then 600ms.
     assert!(tries[1].at - tries[0].at >= Duration::from_millis(300));
     assert!(tries[2].at - tries[1].at >= Duration::from_millis(600));
     // The other messages flowed meanwhile.
-    assert!(app.received().iter().filter(|r| r.id().starts_with("ok-")).all(|r| r.at < tries[2].at));
+    assert!(
+        app.received()
+            .iter()
+            .filter(|r| r.id().starts_with("ok-"))
+            .all(|r| r.at < tries[2].at)
+    );
     let dead = broker.drain(&dlq).await;
-    assert_eq!(header_str(&dead[0].1, "x-sidecar-dead-letter-reason").as_deref(), Some("max_deliveries"));
-    assert_eq!(header_str(&dead[0].1, "x-sidecar-last-status").as_deref(), Some("500"));
+    assert_eq!(
+        header_str(&dead[0].1, "x-sidecar-dead-letter-reason").as_deref(),
+        Some("max_deliveries")
+    );
+    assert_eq!(
+        header_str(&dead[0].1, "x-sidecar-last-status").as_deref(),
+        Some("500")
+    );
     assert_eq!(broker.count(&queue).await.map(|c| c.0), Some(0));
-    assert_eq!(broker.count(&format!("{queue}.retry")).await.map(|c| c.0), Some(0));
+    assert_eq!(
+        broker.count(&format!("{queue}.retry")).await.map(|c| c.0),
+        Some(0)
+    );
     let m = sidecar.metrics().await;
-    assert_eq!(metric_value(&m, &format!("rabbit_sidecar_retries_total{{{},reason=\"server_error\"}}", q(&queue))), Some(2.0));
-    assert_eq!(metric_value(&m, &format!("rabbit_sidecar_dead_letters_total{{{},reason=\"max_deliveries\"}}", q(&queue))), Some(1.0));
-    assert!(metric_value(&m, &format!("rabbit_sidecar_redeliveries_total{{{}}}", q(&queue))).unwrap() >= 2.0);
+    assert_eq!(
+        metric_value(
+            &m,
+            &format!(
+                "rabbit_sidecar_retries_total{{{},reason=\"server_error\"}}",
+                q(&queue)
+            )
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            &format!(
+                "rabbit_sidecar_dead_letters_total{{{},reason=\"max_deliveries\"}}",
+                q(&queue)
+            )
+        ),
+        Some(1.0)
+    );
+    assert!(
+        metric_value(
+            &m,
+            &format!("rabbit_sidecar_redeliveries_total{{{}}}", q(&queue))
+        )
+        .unwrap()
+            >= 2.0
+    );
     broker.cleanup().await;
 }
 
@@ -149,20 +284,52 @@ async fn app_down_pauses_consuming_and_loses_nothing() {
     app.down();
     let ids = broker.publish_n(&queue, 20, "d").await;
     assert!(
-        eventually(Duration::from_secs(15), || async { broker.count(&queue).await.map(|c| c.1) == Some(0) }).await,
+        eventually(Duration::from_secs(15), || async {
+            broker.count(&queue).await.map(|c| c.1) == Some(0)
+        })
+        .await,
         "consumer cancelled while the app is down"
     );
     assert!(matches!(sidecar.get("/readyz").await, Some((503, _))));
-    assert!(matches!(sidecar.get("/healthz").await, Some((200, _))), "an app outage never fails liveness");
+    assert!(
+        matches!(sidecar.get("/healthz").await, Some((200, _))),
+        "an app outage never fails liveness"
+    );
     let m = sidecar.metrics().await;
     assert_eq!(metric_value(&m, "rabbit_sidecar_app_up"), Some(0.0));
-    assert!(metric_value(&m, &format!("rabbit_sidecar_consumer_cancellations_total{{{},reason=\"app_down\"}}", q(&queue))).unwrap() >= 1.0);
-    assert_eq!(broker.count(&queue).await.map(|c| c.0), Some(20), "every message back in the queue");
+    assert!(
+        metric_value(
+            &m,
+            &format!(
+                "rabbit_sidecar_consumer_cancellations_total{{{},reason=\"app_down\"}}",
+                q(&queue)
+            )
+        )
+        .unwrap()
+            >= 1.0
+    );
+    assert_eq!(
+        broker.count(&queue).await.map(|c| c.0),
+        Some(20),
+        "every message back in the queue"
+    );
     app.up().await;
-    assert!(eventually(Duration::from_secs(20), || async { app.ids().iter().collect::<HashSet<_>>().len() == 20 }).await);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            app.ids().iter().collect::<HashSet<_>>().len() == 20
+        })
+        .await
+    );
     let got: HashSet<String> = app.ids().into_iter().collect();
     assert_eq!(got, ids.into_iter().collect());
-    assert_eq!(broker.count(&format!("{queue}.dead-letter")).await.map(|c| c.0), Some(0), "nothing dead-lettered");
+    assert_eq!(
+        broker
+            .count(&format!("{queue}.dead-letter"))
+            .await
+            .map(|c| c.0),
+        Some(0),
+        "nothing dead-lettered"
+    );
     sidecar.wait_ready(Duration::from_secs(5)).await;
     broker.cleanup().await;
 }
@@ -180,18 +347,44 @@ async fn closed_connection_reconnects_and_loses_nothing() {
     let ids = broker.publish_n(&queue, 100, "c").await;
     assert!(eventually(Duration::from_secs(10), || async { app.count() >= 10 }).await);
     let needle = format!("pid {}", sidecar.pid());
-    assert!(eventually(Duration::from_secs(10), || async { close_connections_named(&needle) > 0 }).await);
     assert!(
-        eventually(Duration::from_secs(30), || async { app.ids().iter().collect::<HashSet<_>>().len() == 100 }).await,
+        eventually(Duration::from_secs(10), || async {
+            close_connections_named(&needle) > 0
+        })
+        .await
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            app.ids().iter().collect::<HashSet<_>>().len() == 100
+        })
+        .await,
         "all messages processed after the reconnect; logs:\n{}",
         sidecar.logs()
     );
-    assert!(eventually(Duration::from_secs(10), || async { broker.count(&queue).await.map(|c| c.0) == Some(0) }).await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            broker.count(&queue).await.map(|c| c.0) == Some(0)
+        })
+        .await
+    );
     let got: HashSet<String> = app.ids().into_iter().collect();
     assert_eq!(got, ids.into_iter().collect());
-    assert!(eventually(Duration::from_secs(10), || async { sidecar.metric("rabbit_sidecar_reconnects_total").await >= 1.0 }).await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            sidecar.metric("rabbit_sidecar_reconnects_total").await >= 1.0
+        })
+        .await
+    );
     let m = sidecar.metrics().await;
-    assert!(metric_value(&m, "rabbit_sidecar_connection_losses_total{reason=\"closed_by_broker\"}").unwrap() >= 1.0, "{m}");
+    assert!(
+        metric_value(
+            &m,
+            "rabbit_sidecar_connection_losses_total{reason=\"closed_by_broker\"}"
+        )
+        .unwrap()
+            >= 1.0,
+        "{m}"
+    );
     assert_eq!(metric_value(&m, "rabbit_sidecar_connection_up"), Some(1.0));
     broker.cleanup().await;
 }
@@ -204,26 +397,55 @@ async fn kill_9_hands_unacked_messages_to_another_sidecar() {
     let slow = App::start().await;
     slow.set_delay(Duration::from_secs(60));
     let slow_url = slow.url();
-    let mut first = Sidecar::spawn(&args(&queue, &slow_url, &["--prefetch", "10", "--concurrency", "10"]));
+    let mut first = Sidecar::spawn(&args(
+        &queue,
+        &slow_url,
+        &["--prefetch", "10", "--concurrency", "10"],
+    ));
     first.wait_ready(Duration::from_secs(20)).await;
     let ids = broker.publish_n(&queue, 10, "k").await;
-    assert!(eventually(Duration::from_secs(10), || async {
-        first.metric(&format!("rabbit_sidecar_in_flight_messages{{{}}}", q(&queue))).await == 10.0
-    })
-    .await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            first
+                .metric(&format!(
+                    "rabbit_sidecar_in_flight_messages{{{}}}",
+                    q(&queue)
+                ))
+                .await
+                == 10.0
+        })
+        .await
+    );
     let fast = App::start().await;
     let fast_url = fast.url();
     let second = Sidecar::spawn(&args(&queue, &fast_url, &[]));
     second.wait_ready(Duration::from_secs(20)).await;
     first.kill9().await;
-    assert!(eventually(Duration::from_secs(20), || async { fast.ids().iter().collect::<HashSet<_>>().len() == 10 }).await);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            fast.ids().iter().collect::<HashSet<_>>().len() == 10
+        })
+        .await
+    );
     let got: HashSet<String> = fast.ids().into_iter().collect();
     assert_eq!(got, ids.into_iter().collect());
-    assert!(fast.received().iter().all(|r| r.header("x-amqp-redelivered") == Some("true")));
-    assert!(eventually(Duration::from_secs(5), || async {
-        second.metric(&format!("rabbit_sidecar_redeliveries_total{{{}}}", q(&queue))).await == 10.0
-    })
-    .await);
+    assert!(
+        fast.received()
+            .iter()
+            .all(|r| r.header("x-amqp-redelivered") == Some("true"))
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            second
+                .metric(&format!(
+                    "rabbit_sidecar_redeliveries_total{{{}}}",
+                    q(&queue)
+                ))
+                .await
+                == 10.0
+        })
+        .await
+    );
     broker.cleanup().await;
 }
 
@@ -243,28 +465,59 @@ async fn single_active_consumer_standby_takes_over_after_kill_9() {
     let ids = broker.publish_n(&queue, 5, "s").await;
     assert!(eventually(Duration::from_secs(10), || async { app_a.count() >= 1 }).await);
     assert_eq!(app_b.count(), 0, "the standby receives nothing");
-    assert!(eventually(Duration::from_secs(10), || async {
-        standby.metric(&format!("rabbit_sidecar_consumer_active{{{}}}", q(&queue))).await == 0.0
-            && active.metric(&format!("rabbit_sidecar_consumer_active{{{}}}", q(&queue))).await == 1.0
-    })
-    .await);
     assert!(
         eventually(Duration::from_secs(10), || async {
-            standby.get("/status").await.is_some_and(|(_, s)| s.contains("\"standby\""))
-                && standby.metric(&format!("rabbit_sidecar_consumer_active{{{}}}", q(&queue))).await == 0.0
+            standby
+                .metric(&format!("rabbit_sidecar_consumer_active{{{}}}", q(&queue)))
+                .await
+                == 0.0
+                && active
+                    .metric(&format!("rabbit_sidecar_consumer_active{{{}}}", q(&queue)))
+                    .await
+                    == 1.0
+        })
+        .await
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            standby
+                .get("/status")
+                .await
+                .is_some_and(|(_, s)| s.contains("\"standby\""))
+                && standby
+                    .metric(&format!("rabbit_sidecar_consumer_active{{{}}}", q(&queue)))
+                    .await
+                    == 0.0
         })
         .await,
         "the standby says so in /status"
     );
-    assert!(standby.get("/readyz").await.unwrap().1.contains("standing by"));
+    assert!(
+        standby
+            .get("/readyz")
+            .await
+            .unwrap()
+            .1
+            .contains("standing by")
+    );
     active.kill9().await;
-    assert!(eventually(Duration::from_secs(20), || async { app_b.ids().iter().collect::<HashSet<_>>().len() == 5 }).await);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            app_b.ids().iter().collect::<HashSet<_>>().len() == 5
+        })
+        .await
+    );
     let got: HashSet<String> = app_b.ids().into_iter().collect();
     assert_eq!(got, ids.into_iter().collect());
-    assert!(eventually(Duration::from_secs(10), || async {
-        standby.metric(&format!("rabbit_sidecar_consumer_active{{{}}}", q(&queue))).await == 1.0
-    })
-    .await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            standby
+                .metric(&format!("rabbit_sidecar_consumer_active{{{}}}", q(&queue)))
+                .await
+                == 1.0
+        })
+        .await
+    );
     broker.cleanup().await;
 }
 
@@ -276,22 +529,48 @@ async fn sigterm_drains_in_flight_messages_and_exits_0() {
     let app = App::start().await;
     app.set_delay(Duration::from_millis(1500));
     let url = app.url();
-    let mut sidecar = Sidecar::spawn(&args(&queue, &url, &["--prefetch", "20", "--concurrency", "4", "--shutdown-grace", "10s"]));
+    let mut sidecar = Sidecar::spawn(&args(
+        &queue,
+        &url,
+        &[
+            "--prefetch",
+            "20",
+            "--concurrency",
+            "4",
+            "--shutdown-grace",
+            "10s",
+        ],
+    ));
     sidecar.wait_ready(Duration::from_secs(20)).await;
     broker.publish_n(&queue, 20, "t").await;
-    assert!(eventually(Duration::from_secs(10), || async {
-        sidecar.metric(&format!("rabbit_sidecar_in_flight_messages{{{}}}", q(&queue))).await >= 4.0
-    })
-    .await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            sidecar
+                .metric(&format!(
+                    "rabbit_sidecar_in_flight_messages{{{}}}",
+                    q(&queue)
+                ))
+                .await
+                >= 4.0
+        })
+        .await
+    );
     sidecar.signal("TERM");
-    let status = sidecar.wait_exit(Duration::from_secs(20)).await.expect("exits within the grace");
+    let status = sidecar
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .expect("exits within the grace");
     assert!(status.success(), "exit 0; logs:\n{}", sidecar.logs());
     // Four were in the app's hands and finished; the rest went back untouched.
     let done = app.count();
     assert!(done >= 4, "in-flight messages finished: {done}");
     let (ready, consumers) = broker.count(&queue).await.unwrap();
     assert_eq!(consumers, 0);
-    assert_eq!(ready as usize + done, 20, "every message acked or back in the queue");
+    assert_eq!(
+        ready as usize + done,
+        20,
+        "every message acked or back in the queue"
+    );
     broker.cleanup().await;
 }
 
@@ -303,17 +582,37 @@ async fn sigterm_grace_deadline_returns_unfinished_messages() {
     let app = App::start().await;
     app.set_delay(Duration::from_secs(30));
     let url = app.url();
-    let mut sidecar = Sidecar::spawn(&args(&queue, &url, &["--concurrency", "3", "--shutdown-grace", "1s"]));
+    let mut sidecar = Sidecar::spawn(&args(
+        &queue,
+        &url,
+        &["--concurrency", "3", "--shutdown-grace", "1s"],
+    ));
     sidecar.wait_ready(Duration::from_secs(20)).await;
     broker.publish_n(&queue, 3, "g").await;
-    assert!(eventually(Duration::from_secs(10), || async {
-        sidecar.metric(&format!("rabbit_sidecar_in_flight_messages{{{}}}", q(&queue))).await == 3.0
-    })
-    .await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            sidecar
+                .metric(&format!(
+                    "rabbit_sidecar_in_flight_messages{{{}}}",
+                    q(&queue)
+                ))
+                .await
+                == 3.0
+        })
+        .await
+    );
     sidecar.signal("TERM");
-    let status = sidecar.wait_exit(Duration::from_secs(15)).await.expect("exits after the grace");
+    let status = sidecar
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("exits after the grace");
     assert!(status.success());
-    assert!(eventually(Duration::from_secs(5), || async { broker.count(&queue).await == Some((3, 0)) }).await);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            broker.count(&queue).await == Some((3, 0))
+        })
+        .await
+    );
     broker.cleanup().await;
 }
 
@@ -334,8 +633,19 @@ async fn a_down_first_node_fails_over_to_the_second() {
     let status = sidecar.get("/status").await.unwrap().1;
     assert!(status.contains("127.0.0.1:5672"), "{status}");
     assert!(!status.contains("guest:guest"), "no credentials in /status");
-    assert!(sidecar.metric("rabbit_sidecar_connect_failures_total").await >= 1.0);
-    assert!(!sidecar.metrics().await.contains("guest"), "no credentials in /metrics");
-    assert!(!sidecar.logs().contains("guest:guest"), "no credentials in logs");
+    assert!(
+        sidecar
+            .metric("rabbit_sidecar_connect_failures_total")
+            .await
+            >= 1.0
+    );
+    assert!(
+        !sidecar.metrics().await.contains("guest"),
+        "no credentials in /metrics"
+    );
+    assert!(
+        !sidecar.logs().contains("guest:guest"),
+        "no credentials in logs"
+    );
     broker.cleanup().await;
 }

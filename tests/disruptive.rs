@@ -15,7 +15,9 @@ struct RestartGuard;
 impl Drop for RestartGuard {
     fn drop(&mut self) {
         let _ = Command::new("rabbitmqctl").arg("start_app").output();
-        let _ = Command::new("rabbitmqctl").args(["await_startup", "--timeout", "60"]).output();
+        let _ = Command::new("rabbitmqctl")
+            .args(["await_startup", "--timeout", "60"])
+            .output();
     }
 }
 
@@ -28,8 +30,21 @@ async fn broker_restart(quorum: bool) {
     let url = app.url();
     let qtype = if quorum { "quorum" } else { "classic" };
     let sidecar = Sidecar::spawn(&[
-        "--amqp-url", AMQP, "--queue", &queue, "--target-url", &url, "--declare", "--queue-type", qtype,
-        "--heartbeat", "2s", "--reconnect-backoff", "100ms", "--reconnect-backoff-max", "1s",
+        "--amqp-url",
+        AMQP,
+        "--queue",
+        &queue,
+        "--target-url",
+        &url,
+        "--declare",
+        "--queue-type",
+        qtype,
+        "--heartbeat",
+        "2s",
+        "--reconnect-backoff",
+        "100ms",
+        "--reconnect-backoff-max",
+        "1s",
     ]);
     sidecar.wait_ready(Duration::from_secs(20)).await;
     let ids = broker.publish_n(&queue, 300, "r").await;
@@ -38,32 +53,52 @@ async fn broker_restart(quorum: bool) {
     let guard = RestartGuard;
     rabbitmqctl(&["stop_app"]);
     assert!(
-        eventually(Duration::from_secs(15), || async { sidecar.metric("rabbit_sidecar_connection_up").await == 0.0 }).await,
+        eventually(Duration::from_secs(15), || async {
+            sidecar.metric("rabbit_sidecar_connection_up").await == 0.0
+        })
+        .await,
         "the loss is noticed"
     );
     let (status, reason) = sidecar.get("/readyz").await.unwrap();
     assert_eq!(status, 503);
     assert!(reason.contains("not connected"), "{reason}");
-    assert_eq!(sidecar.get("/healthz").await.unwrap().0, 200, "a broker outage never fails liveness");
+    assert_eq!(
+        sidecar.get("/healthz").await.unwrap().0,
+        200,
+        "a broker outage never fails liveness"
+    );
     drop(guard);
 
     sidecar.wait_ready(Duration::from_secs(30)).await;
     let broker = Broker::connect().await;
     broker.track(&queue);
     assert!(
-        eventually(Duration::from_secs(60), || async { app.ids().iter().collect::<HashSet<_>>().len() == 300 }).await,
+        eventually(Duration::from_secs(60), || async {
+            app.ids().iter().collect::<HashSet<_>>().len() == 300
+        })
+        .await,
         "every message processed after the restart (got {}); logs:\n{}",
         app.ids().iter().collect::<HashSet<_>>().len(),
         sidecar.logs()
     );
     let got: HashSet<String> = app.ids().into_iter().collect();
     assert_eq!(got, ids.into_iter().collect());
-    assert!(eventually(Duration::from_secs(10), || async { broker.count(&queue).await.map(|c| c.0) == Some(0) }).await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            broker.count(&queue).await.map(|c| c.0) == Some(0)
+        })
+        .await
+    );
     let m = sidecar.metrics().await;
     assert!(metric_value(&m, "rabbit_sidecar_reconnects_total").unwrap() >= 1.0);
     let losses: f64 = ["heartbeat", "closed_by_broker", "io", "other"]
         .iter()
-        .filter_map(|r| metric_value(&m, &format!("rabbit_sidecar_connection_losses_total{{reason=\"{r}\"}}")))
+        .filter_map(|r| {
+            metric_value(
+                &m,
+                &format!("rabbit_sidecar_connection_losses_total{{reason=\"{r}\"}}"),
+            )
+        })
         .sum();
     assert!(losses >= 1.0, "{m}");
     assert_eq!(metric_value(&m, "rabbit_sidecar_connection_up"), Some(1.0));

@@ -27,8 +27,15 @@ pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// A name no other test (or earlier run) uses.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
-    format!("rs-test-{prefix}-{}-{nanos}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "rs-test-{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Polls `f` until it is true or `timeout` passes; returns whether it became true.
@@ -59,11 +66,18 @@ pub struct Broker {
 
 impl Broker {
     pub async fn connect() -> Broker {
-        let conn = Connection::connect(AMQP, ConnectionProperties::default().with_connection_name("rabbit-sidecar-tests".into()))
-            .await
-            .expect("the test broker at 127.0.0.1:5672 is up (start it with rabbitmq-server -detached)");
+        let conn = Connection::connect(
+            AMQP,
+            ConnectionProperties::default().with_connection_name("rabbit-sidecar-tests".into()),
+        )
+        .await
+        .expect(
+            "the test broker at 127.0.0.1:5672 is up (start it with rabbitmq-server -detached)",
+        );
         let ch = conn.create_channel().await.unwrap();
-        ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
         Broker {
             conn,
             ch,
@@ -82,12 +96,22 @@ impl Broker {
     pub async fn declare(&self, queue: &str, quorum: bool, single_active: bool) {
         self.track(queue);
         let mut args = FieldTable::default();
-        args.insert("x-queue-type".into(), AMQPValue::LongString(if quorum { "quorum" } else { "classic" }.into()));
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(if quorum { "quorum" } else { "classic" }.into()),
+        );
         if single_active {
             args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         }
         self.ch
-            .queue_declare(queue.into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
             .await
             .unwrap();
     }
@@ -95,7 +119,13 @@ impl Broker {
     pub async fn publish(&self, queue: &str, body: &[u8], props: BasicProperties) {
         let confirm = self
             .ch
-            .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, props.with_delivery_mode(2))
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body,
+                props.with_delivery_mode(2),
+            )
             .await
             .unwrap()
             .await
@@ -108,7 +138,12 @@ impl Broker {
         let mut ids = Vec::with_capacity(n);
         for i in 0..n {
             let id = format!("{prefix}-{i}");
-            self.publish(queue, id.as_bytes(), BasicProperties::default().with_message_id(id.as_str().into())).await;
+            self.publish(
+                queue,
+                id.as_bytes(),
+                BasicProperties::default().with_message_id(id.as_str().into()),
+            )
+            .await;
             ids.push(id);
         }
         ids
@@ -118,7 +153,14 @@ impl Broker {
     pub async fn count(&self, queue: &str) -> Option<(u32, u32)> {
         let ch = self.conn.create_channel().await.ok()?;
         let q = ch
-            .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
             .await
             .ok()?;
         let _ = ch.close(200, "".into()).await;
@@ -130,9 +172,17 @@ impl Broker {
         let ch = self.conn.create_channel().await.unwrap();
         let mut out = Vec::new();
         for _ in 0..100_000 {
-            match ch.basic_get(queue.into(), BasicGetOptions::default()).await.unwrap() {
+            match ch
+                .basic_get(queue.into(), BasicGetOptions::default())
+                .await
+                .unwrap()
+            {
                 Some(m) => {
-                    m.delivery.acker.ack(BasicAckOptions::default()).await.unwrap();
+                    m.delivery
+                        .acker
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .unwrap();
                     out.push((m.delivery.data.clone(), m.delivery.properties.clone()));
                 }
                 None => break,
@@ -146,7 +196,9 @@ impl Broker {
         let queues = self.cleanup.lock().unwrap().clone();
         for q in queues {
             if let Ok(ch) = self.conn.create_channel().await {
-                let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+                let _ = ch
+                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                    .await;
                 let _ = ch.close(200, "".into()).await;
             }
         }
@@ -154,26 +206,44 @@ impl Broker {
 }
 
 pub fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
-    props.headers().as_ref()?.inner().get(name).and_then(rabbit_sidecar::headers::scalar_text)
+    props
+        .headers()
+        .as_ref()?
+        .inner()
+        .get(name)
+        .and_then(rabbit_sidecar::headers::scalar_text)
 }
 
 /// Runs `rabbitmqctl` with `args`; panics with its output when it fails.
 pub fn rabbitmqctl(args: &[&str]) -> String {
-    let out = Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
-    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Closes the broker connections whose client-provided name contains `needle`.
 pub fn close_connections_named(needle: &str) -> usize {
-    let list = rabbitmqctl(&["list_connections", "-q", "--no-table-headers", "pid", "client_properties"]);
+    let list = rabbitmqctl(&[
+        "list_connections",
+        "-q",
+        "--no-table-headers",
+        "pid",
+        "client_properties",
+    ]);
     let mut closed = 0;
-    for line in list.lines() {
-        if line.contains(needle) {
-            if let Some(pid) = line.split_whitespace().next() {
-                let _ = Command::new("rabbitmqctl").args(["close_connection", pid, "test closes the connection"]).output();
-                closed += 1;
-            }
+    for line in list.lines().filter(|l| l.contains(needle)) {
+        if let Some(pid) = line.split_whitespace().next() {
+            let _ = Command::new("rabbitmqctl")
+                .args(["close_connection", pid, "test closes the connection"])
+                .output();
+            closed += 1;
         }
     }
     closed
@@ -261,23 +331,42 @@ impl App {
     pub async fn up(&mut self) {
         let listener = bind_retry(self.addr).await;
         self.addr = listener.local_addr().unwrap();
-        let (received, behaviour, delay) = (self.received.clone(), self.behaviour.clone(), self.delay.clone());
+        let (received, behaviour, delay) = (
+            self.received.clone(),
+            self.behaviour.clone(),
+            self.delay.clone(),
+        );
         self.server = Some(tokio::spawn(async move {
             let mut conns = JoinSet::new();
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let (received, behaviour, delay) = (received.clone(), behaviour.clone(), delay.clone());
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (received, behaviour, delay) =
+                    (received.clone(), behaviour.clone(), delay.clone());
                 conns.spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
-                        let (received, behaviour, delay) = (received.clone(), behaviour.clone(), delay.clone());
+                        let (received, behaviour, delay) =
+                            (received.clone(), behaviour.clone(), delay.clone());
                         async move {
                             let headers = req
                                 .headers()
                                 .iter()
-                                .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+                                .map(|(k, v)| {
+                                    (k.as_str().to_string(), v.to_str().unwrap_or("").to_string())
+                                })
                                 .collect();
-                            let body = req.into_body().collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
-                            let r = Received { body, headers, at: Instant::now() };
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes().to_vec())
+                                .unwrap_or_default();
+                            let r = Received {
+                                body,
+                                headers,
+                                at: Instant::now(),
+                            };
                             received.lock().unwrap().push(r.clone());
                             let d = *delay.lock().unwrap();
                             if !d.is_zero() {
@@ -286,11 +375,16 @@ impl App {
                             let f = behaviour.lock().unwrap().clone();
                             let status = f(&r);
                             Ok::<_, std::convert::Infallible>(
-                                Response::builder().status(status).body(Full::new(Bytes::from_static(b"answer"))).unwrap(),
+                                Response::builder()
+                                    .status(status)
+                                    .body(Full::new(Bytes::from_static(b"answer")))
+                                    .unwrap(),
                             )
                         }
                     });
-                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
                 });
             }
         }));
@@ -319,7 +413,11 @@ async fn bind_retry(addr: SocketAddr) -> tokio::net::TcpListener {
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 // ---------------------------------------------------------------- sidecar
@@ -353,7 +451,12 @@ impl Sidecar {
             .stderr(file)
             .spawn()
             .expect("the sidecar binary starts");
-        Sidecar { child, admin, log, _dir: dir }
+        Sidecar {
+            child,
+            admin,
+            log,
+            _dir: dir,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -365,22 +468,36 @@ impl Sidecar {
     }
 
     pub async fn get(&self, path: &str) -> Option<(u16, String)> {
-        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http::<http_body_util::Empty<Bytes>>();
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<Bytes>>();
         let uri: hyper::Uri = format!("http://{}{path}", self.admin).parse().unwrap();
-        let resp = tokio::time::timeout(Duration::from_secs(2), client.get(uri)).await.ok()?.ok()?;
+        let resp = tokio::time::timeout(Duration::from_secs(2), client.get(uri))
+            .await
+            .ok()?
+            .ok()?;
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await.ok()?.to_bytes();
         Some((status, String::from_utf8_lossy(&body).into_owned()))
     }
 
     pub async fn wait_ready(&self, timeout: Duration) {
-        let ok = eventually(timeout, || async { matches!(self.get("/readyz").await, Some((200, _))) }).await;
-        assert!(ok, "sidecar not ready within {timeout:?}; logs:\n{}", self.logs());
+        let ok = eventually(timeout, || async {
+            matches!(self.get("/readyz").await, Some((200, _)))
+        })
+        .await;
+        assert!(
+            ok,
+            "sidecar not ready within {timeout:?}; logs:\n{}",
+            self.logs()
+        );
     }
 
     pub async fn metrics(&self) -> String {
-        self.get("/metrics").await.map(|(_, b)| b).unwrap_or_default()
+        self.get("/metrics")
+            .await
+            .map(|(_, b)| b)
+            .unwrap_or_default()
     }
 
     /// The value of the series `name{labels}` (labels as written, e.g. `queue="q",reason="x"`).
@@ -389,7 +506,10 @@ impl Sidecar {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status().unwrap();
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
 
@@ -409,7 +529,9 @@ impl Sidecar {
 
     pub async fn kill9(&mut self) {
         self.signal("KILL");
-        self.wait_exit(Duration::from_secs(10)).await.expect("killed process exits");
+        self.wait_exit(Duration::from_secs(10))
+            .await
+            .expect("killed process exits");
     }
 }
 
@@ -424,19 +546,27 @@ impl Drop for Sidecar {
 
 /// Finds `series` (`name{labels}` or bare `name`) in a text exposition.
 pub fn metric_value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
 }
 
 /// Consumes and counts what arrives in `queue` using a plain lapin consumer (ack everything).
-pub async fn consume_ids(conn: &Connection, queue: &str, want: usize, timeout: Duration) -> Vec<String> {
+pub async fn consume_ids(
+    conn: &Connection,
+    queue: &str,
+    want: usize,
+    timeout: Duration,
+) -> Vec<String> {
     let ch = conn.create_channel().await.unwrap();
     let mut consumer = ch
-        .basic_consume(queue.into(), unique("c").as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            queue.into(),
+            unique("c").as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     let mut ids = Vec::new();
