@@ -17,12 +17,12 @@ pub struct CheckFailed(pub String);
 
 /// Runs the checks, writing a report line per finding into `report`.
 pub async fn check(config: &Config, report: &mut String) -> Result<(), CheckFailed> {
+    let queues = config.queues().join(", ");
     let _ = writeln!(
         report,
-        "configuration: ok (queue {:?}, {} broker node(s), target {})",
-        config.queue,
-        config.nodes.len(),
-        config.target_url
+        "configuration: ok ({} subscription(s): {queues}; {} broker node(s))",
+        config.subscriptions.len(),
+        config.nodes.len()
     );
     let tls = broker::tls_config(config).map_err(|e| CheckFailed(format!("TLS: {e}")))?;
     let mut connection = None;
@@ -40,69 +40,70 @@ pub async fn check(config: &Config, report: &mut String) -> Result<(), CheckFail
     }
     let connection =
         connection.ok_or_else(|| CheckFailed("no broker node could be reached".into()))?;
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| CheckFailed(format!("opening a channel: {e}")))?;
-    let queue_result = channel
-        .queue_declare(
-            config.queue.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    let queue_ok = match &queue_result {
-        Ok(q) => {
-            let _ = writeln!(
-                report,
-                "queue {:?}: exists, {} ready, {} consumer(s)",
-                config.queue,
-                q.message_count(),
-                q.consumer_count()
-            );
-            true
+    let mut failures = Vec::new();
+    for sub in &config.subscriptions {
+        // A failed passive declare closes its channel: one channel per queue.
+        let result = match connection.create_channel().await {
+            Ok(channel) => channel
+                .queue_declare(
+                    sub.queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map(|q| (q.message_count(), q.consumer_count())),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok((ready, consumers)) => {
+                let _ = writeln!(
+                    report,
+                    "queue {:?}: exists, {ready} ready, {consumers} consumer(s)",
+                    sub.queue
+                );
+            }
+            Err(e) if sub.declare => {
+                let _ = writeln!(
+                    report,
+                    "queue {:?}: missing ({e}); --declare will create it",
+                    sub.queue
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(
+                    report,
+                    "queue {:?}: FAILED: {e} (start with --declare to create it)",
+                    sub.queue
+                );
+                failures.push(format!("queue {:?} is not usable", sub.queue));
+            }
         }
-        Err(e) if config.declare => {
-            let _ = writeln!(
-                report,
-                "queue {:?}: missing ({e}); --declare will create it",
-                config.queue
-            );
-            true
-        }
-        Err(e) => {
-            let _ = writeln!(
-                report,
-                "queue {:?}: FAILED: {e} (start with --declare to create it)",
-                config.queue
-            );
-            false
-        }
-    };
-    let _ = connection.close(200, "check done".into()).await;
-    let dispatcher = Dispatcher::new(
-        config.target_url.clone(),
-        config.handler_timeout,
-        config.app_health_url.clone(),
-    );
-    let app_ok = dispatcher.prober().probe().await;
-    if app_ok {
-        let _ = writeln!(report, "app {}: reachable", config.target_url);
-    } else {
-        let _ = writeln!(report, "app {}: FAILED: not reachable", config.target_url);
     }
-    match (queue_ok, app_ok) {
-        (true, true) => Ok(()),
-        (false, _) => Err(CheckFailed(format!(
-            "queue {:?} is not usable",
-            config.queue
-        ))),
-        (_, false) => Err(CheckFailed(format!(
-            "the app at {} is not reachable",
-            config.target_url
-        ))),
+    let _ = connection.close(200, "check done".into()).await;
+    let mut targets: Vec<_> = config
+        .subscriptions
+        .iter()
+        .map(|s| s.target_url.clone())
+        .collect();
+    targets.dedup();
+    for target in targets {
+        let dispatcher = Dispatcher::new(
+            target.clone(),
+            config.max_handler_timeout(),
+            config.app_health_url.clone(),
+        );
+        if dispatcher.prober().probe().await {
+            let _ = writeln!(report, "app {target}: reachable");
+        } else {
+            let _ = writeln!(report, "app {target}: FAILED: not reachable");
+            failures.push(format!("the app at {target} is not reachable"));
+        }
+    }
+    match failures.is_empty() {
+        true => Ok(()),
+        false => Err(CheckFailed(failures.join("; "))),
     }
 }

@@ -12,6 +12,9 @@ use crate::config::{KEYS, env_name};
 /// Keys that are switches: `--declare` alone means true.
 const SWITCHES: &[&str] = &["declare", "single-active-consumer"];
 
+/// Keys that may be given several times.
+const REPEATABLE: &[&str] = &["binding-key", "amqp-url"];
+
 /// What the process was asked to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -60,7 +63,13 @@ pub fn command(mode: Mode) -> Command {
         } else {
             arg = arg.value_name(key.name.to_ascii_uppercase().replace('-', "_"));
         }
-        cmd = cmd.arg(arg.action(ArgAction::Set));
+        // Repeatable keys collect every occurrence; the layers see them comma-joined.
+        let action = if REPEATABLE.contains(&key.name) {
+            ArgAction::Append
+        } else {
+            ArgAction::Set
+        };
+        cmd = cmd.arg(arg.action(action));
     }
     cmd
 }
@@ -74,9 +83,47 @@ pub fn parse(
     let matches = command(mode).try_get_matches_from(args)?;
     let mut out = BTreeMap::new();
     for id in std::iter::once("config").chain(KEYS.iter().map(|k| k.name)) {
-        if let Some(v) = matches.get_one::<String>(id) {
-            out.insert(id.to_string(), v.clone());
+        if let Some(values) = matches.get_many::<String>(id) {
+            let values: Vec<&str> = values.map(String::as_str).collect();
+            out.insert(id.to_string(), values.join(","));
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<OsString> {
+        std::iter::once("rabbit-sidecar")
+            .chain(a.iter().copied())
+            .map(OsString::from)
+            .collect()
+    }
+
+    #[test]
+    fn repeatable_keys_collect_and_others_take_the_last() {
+        let f = parse(
+            Mode::Run,
+            args(&[
+                "--binding-key",
+                "a",
+                "--binding-key",
+                "b",
+                "--prefetch",
+                "1",
+                "--prefetch",
+                "2",
+                "--declare",
+            ]),
+        )
+        .unwrap();
+        assert_eq!(f["binding-key"], "a,b");
+        assert_eq!(f["prefetch"], "2");
+        assert_eq!(f["declare"], "true");
+        let f = parse(Mode::Run, args(&["--declare=false"])).unwrap();
+        assert_eq!(f["declare"], "false");
+        assert!(parse(Mode::Run, args(&["--no-such-flag"])).is_err());
+    }
 }

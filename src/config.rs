@@ -132,14 +132,36 @@ impl fmt::Debug for SecretUrl {
     }
 }
 
-/// Everything the sidecar needs to run, validated.
+/// How the exchange of a subscription is declared (with `--declare`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeType {
+    Direct,
+    Topic,
+    Fanout,
+    Headers,
+}
+
+impl ExchangeType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExchangeType::Direct => "direct",
+            ExchangeType::Topic => "topic",
+            ExchangeType::Fanout => "fanout",
+            ExchangeType::Headers => "headers",
+        }
+    }
+}
+
+/// One queue consumed for the app: the single-queue flags, or one `[[subscription]]` entry.
 #[derive(Debug, Clone)]
-pub struct Config {
-    pub nodes: Vec<AmqpNode>,
+pub struct SubscriptionConfig {
     pub queue: String,
     pub declare: bool,
     pub queue_type: QueueType,
     pub single_active_consumer: bool,
+    /// Declared (with `declare`) and bound with `binding_keys`.
+    pub exchange: Option<(String, ExchangeType)>,
+    pub binding_keys: Vec<String>,
     pub target_url: Uri,
     pub prefetch: u16,
     pub concurrency: usize,
@@ -149,6 +171,16 @@ pub struct Config {
     pub retry_backoff_max: Duration,
     pub dead_letter_queue: String,
     pub retry_queue: String,
+}
+
+/// Everything the sidecar needs to run, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub nodes: Vec<AmqpNode>,
+    /// At least one; queue names are unique.
+    pub subscriptions: Vec<SubscriptionConfig>,
+    /// The app's endpoint of the shorthand flags; probed while the app is down.
+    pub target_url: Uri,
     pub listen: SocketAddr,
     pub shutdown_grace: Duration,
     pub tls_ca_file: Option<PathBuf>,
@@ -164,6 +196,21 @@ pub struct Config {
     pub consumer_timeout: Duration,
     pub queue_poll_interval: Duration,
     pub log_format: LogFormat,
+}
+
+impl Config {
+    /// The longest handler timeout of any subscription (what the stuck-handler check allows).
+    pub fn max_handler_timeout(&self) -> Duration {
+        self.subscriptions
+            .iter()
+            .map(|s| s.handler_timeout)
+            .max()
+            .unwrap_or_default()
+    }
+
+    pub fn queues(&self) -> Vec<String> {
+        self.subscriptions.iter().map(|s| s.queue.clone()).collect()
+    }
 }
 
 /// One configurable key: its flag name (also the TOML key) and help text.
@@ -195,6 +242,21 @@ pub const KEYS: &[Key] = &[
         "single-active-consumer",
         "Declare the queue with x-single-active-consumer (active/standby replicas)",
         Some("false"),
+    ),
+    key(
+        "exchange",
+        "With --declare: an exchange to declare (durable) and bind the queue to",
+        None,
+    ),
+    key(
+        "exchange-type",
+        "direct, topic, fanout or headers, used with --exchange",
+        Some("topic"),
+    ),
+    key(
+        "binding-key",
+        "Binding key of the queue to --exchange (repeatable; comma-separated in the environment and file)",
+        None,
     ),
     key(
         "target-url",
@@ -329,6 +391,7 @@ pub struct Layers {
     flags: BTreeMap<String, String>,
     env: BTreeMap<String, String>,
     file: BTreeMap<String, String>,
+    subscriptions: Vec<BTreeMap<String, String>>,
     file_path: Option<PathBuf>,
 }
 
@@ -354,27 +417,108 @@ impl Layers {
         };
         if let Some(path) = path {
             let path = PathBuf::from(path);
-            layers.file = read_file(&path)?;
+            (layers.file, layers.subscriptions) = read_file(&path)?;
             layers.file_path = Some(path);
         }
         Ok(layers)
     }
 
-    fn get(&self, key: &str) -> Option<(String, String)> {
-        if let Some(v) = self.flags.get(key) {
-            return Some((format!("--{key}"), v.clone()));
+    fn file_origin(&self, key: &str) -> String {
+        let path = self
+            .file_path
+            .as_deref()
+            .unwrap_or(Path::new("config file"));
+        format!("{key} (in {})", path.display())
+    }
+
+    /// Builds and validates the whole configuration.
+    pub fn build(&self) -> Result<Config, ConfigError> {
+        let reconnect_backoff = self.required("reconnect-backoff", parse_duration)?;
+        let reconnect_backoff_max = self.required("reconnect-backoff-max", parse_duration)?;
+        let tls_cert_file = self.parse("tls-cert-file", parse_path)?;
+        let tls_key_file = self.parse("tls-key-file", parse_path)?;
+        if tls_cert_file.is_some() != tls_key_file.is_some() {
+            return Err(ConfigError::new(
+                if tls_cert_file.is_some() {
+                    "--tls-key-file"
+                } else {
+                    "--tls-cert-file"
+                },
+                "mutual TLS needs both --tls-cert-file and --tls-key-file",
+            ));
         }
-        if let Some(v) = self.env.get(key) {
-            return Some((env_name(key), v.clone()));
+        let heartbeat = self.required("heartbeat", parse_duration)?;
+        if heartbeat.as_secs() > u16::MAX as u64 {
+            return Err(ConfigError::new("--heartbeat", "must be at most 65535s"));
         }
-        if let Some(v) = self.file.get(key) {
-            let path = self
-                .file_path
-                .as_deref()
-                .unwrap_or(Path::new("config file"));
-            return Some((format!("{key} (in {})", path.display()), v.clone()));
-        }
-        None
+        let target_url = self.required("target-url", parse_http_url)?;
+        let subscriptions = if self.subscriptions.is_empty() {
+            vec![subscription(self, &target_url)?]
+        } else {
+            if let Some((origin, _)) = self.get("queue") {
+                return Err(ConfigError::new(
+                    origin,
+                    "cannot be combined with [[subscription]] entries in the config file: put that queue in an entry of its own",
+                ));
+            }
+            let mut subs = Vec::new();
+            for (index, table) in self.subscriptions.iter().enumerate() {
+                let entry = Entry {
+                    parent: self,
+                    table,
+                    index,
+                };
+                let sub = subscription(&entry, &target_url)?;
+                if subs
+                    .iter()
+                    .any(|s: &SubscriptionConfig| s.queue == sub.queue)
+                {
+                    return Err(ConfigError::new(
+                        entry.origin("queue"),
+                        format!("{:?} is consumed by an earlier entry already", sub.queue),
+                    ));
+                }
+                subs.push(sub);
+            }
+            subs
+        };
+        Ok(Config {
+            nodes: self.required("amqp-url", parse_nodes)?,
+            subscriptions,
+            target_url,
+            listen: self.required("listen", |s| {
+                s.parse::<SocketAddr>().map_err(|_| {
+                    format!("{s:?} is not an address: expected IP:PORT such as 0.0.0.0:9102")
+                })
+            })?,
+            shutdown_grace: self.required("shutdown-grace", parse_duration)?,
+            tls_ca_file: self.parse("tls-ca-file", parse_path)?,
+            tls_cert_file,
+            tls_key_file,
+            heartbeat,
+            connect_timeout: self.required("connect-timeout", parse_positive_duration)?,
+            reconnect_backoff,
+            reconnect_backoff_max,
+            app_health_url: self.parse("app-health-url", parse_http_url)?,
+            app_probe_interval: self.required("app-probe-interval", parse_positive_duration)?,
+            management_url: self.parse("management-url", parse_http_url)?.map(SecretUrl),
+            consumer_timeout: self.required("broker-consumer-timeout", parse_positive_duration)?,
+            queue_poll_interval: self.required("queue-poll-interval", parse_positive_duration)?,
+            log_format: self.required("log-format", |s| {
+                LogFormat::from_str(s).map_err(|e| e.to_string())
+            })?,
+        })
+    }
+}
+
+/// Where values come from: the layers themselves, or one `[[subscription]]` entry over them.
+trait Lookup {
+    /// The raw text of `key` and where it came from.
+    fn get(&self, key: &str) -> Option<(String, String)>;
+
+    /// Where `key` would be named in an error when it is missing.
+    fn origin(&self, key: &str) -> String {
+        format!("--{key}")
     }
 
     /// The value of `key` parsed by `parse`, or the default text parsed the same way.
@@ -404,7 +548,7 @@ impl Layers {
     ) -> Result<T, ConfigError> {
         self.parse(key, parse)?.ok_or_else(|| {
             ConfigError::new(
-                format!("--{key}"),
+                self.origin(key),
                 format!(
                     "is required (flag --{key}, variable {}, or `{key}` in the config file)",
                     env_name(key)
@@ -412,145 +556,259 @@ impl Layers {
             )
         })
     }
+}
 
-    /// Builds and validates the whole configuration.
-    pub fn build(&self) -> Result<Config, ConfigError> {
-        let queue = self.required("queue", parse_name)?;
-        let prefetch = self.required("prefetch", |s| parse_int(s, 1, u16::MAX as u64))? as u16;
-        let concurrency = self.required("concurrency", |s| parse_int(s, 1, 65_535))? as usize;
-        if concurrency > prefetch as usize {
-            return Err(ConfigError::new(
-                self.get("concurrency")
-                    .map(|(o, _)| o)
-                    .unwrap_or_else(|| "--concurrency".into()),
-                format!(
-                    "{concurrency} is more than --prefetch ({prefetch}); the extra slots could never be used"
-                ),
-            ));
+impl Lookup for Layers {
+    fn get(&self, key: &str) -> Option<(String, String)> {
+        if let Some(v) = self.flags.get(key) {
+            return Some((format!("--{key}"), v.clone()));
         }
-        let retry_backoff = self.required("retry-backoff", parse_duration)?;
-        let retry_backoff_max = self.required("retry-backoff-max", parse_duration)?;
-        if retry_backoff > retry_backoff_max {
-            return Err(ConfigError::new(
-                "--retry-backoff",
-                "is longer than --retry-backoff-max",
-            ));
+        if let Some(v) = self.env.get(key) {
+            return Some((env_name(key), v.clone()));
         }
-        let reconnect_backoff = self.required("reconnect-backoff", parse_duration)?;
-        let reconnect_backoff_max = self.required("reconnect-backoff-max", parse_duration)?;
-        let tls_cert_file = self.parse("tls-cert-file", parse_path)?;
-        let tls_key_file = self.parse("tls-key-file", parse_path)?;
-        if tls_cert_file.is_some() != tls_key_file.is_some() {
-            return Err(ConfigError::new(
-                if tls_cert_file.is_some() {
-                    "--tls-key-file"
-                } else {
-                    "--tls-cert-file"
-                },
-                "mutual TLS needs both --tls-cert-file and --tls-key-file",
-            ));
-        }
-        let heartbeat = self.required("heartbeat", parse_duration)?;
-        if heartbeat.as_secs() > u16::MAX as u64 {
-            return Err(ConfigError::new("--heartbeat", "must be at most 65535s"));
-        }
-        Ok(Config {
-            nodes: self.required("amqp-url", parse_nodes)?,
-            dead_letter_queue: self
-                .parse("dead-letter-queue", parse_name)?
-                .unwrap_or_else(|| format!("{queue}.dead-letter")),
-            retry_queue: self
-                .parse("retry-queue", parse_name)?
-                .unwrap_or_else(|| format!("{queue}.retry")),
-            queue,
-            declare: self.required("declare", parse_bool)?,
-            queue_type: self.required("queue-type", |s| match s {
-                "quorum" => Ok(QueueType::Quorum),
-                "classic" => Ok(QueueType::Classic),
-                other => Err(format!(
-                    "{other:?} is not a queue type: expected \"quorum\" or \"classic\""
-                )),
-            })?,
-            single_active_consumer: self.required("single-active-consumer", parse_bool)?,
-            target_url: self.required("target-url", parse_http_url)?,
-            prefetch,
-            concurrency,
-            handler_timeout: self.required("handler-timeout", parse_positive_duration)?,
-            max_deliveries: self.required("max-deliveries", |s| parse_int(s, 1, 1_000_000))? as u32,
-            retry_backoff,
-            retry_backoff_max,
-            listen: self.required("listen", |s| {
-                s.parse::<SocketAddr>().map_err(|_| {
-                    format!("{s:?} is not an address: expected IP:PORT such as 0.0.0.0:9102")
-                })
-            })?,
-            shutdown_grace: self.required("shutdown-grace", parse_duration)?,
-            tls_ca_file: self.parse("tls-ca-file", parse_path)?,
-            tls_cert_file,
-            tls_key_file,
-            heartbeat,
-            connect_timeout: self.required("connect-timeout", parse_positive_duration)?,
-            reconnect_backoff,
-            reconnect_backoff_max,
-            app_health_url: self.parse("app-health-url", parse_http_url)?,
-            app_probe_interval: self.required("app-probe-interval", parse_positive_duration)?,
-            management_url: self.parse("management-url", parse_http_url)?.map(SecretUrl),
-            consumer_timeout: self.required("broker-consumer-timeout", parse_positive_duration)?,
-            queue_poll_interval: self.required("queue-poll-interval", parse_positive_duration)?,
-            log_format: self.required("log-format", |s| {
-                LogFormat::from_str(s).map_err(|e| e.to_string())
-            })?,
-        })
+        self.file
+            .get(key)
+            .map(|v| (self.file_origin(key), v.clone()))
     }
 }
 
-/// Reads the TOML file into key → text. Unknown keys are errors: a typo must not pass silently.
-fn read_file(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
+/// One `[[subscription]]` entry; keys it does not set fall back to the top-level layers.
+struct Entry<'a> {
+    parent: &'a Layers,
+    table: &'a BTreeMap<String, String>,
+    index: usize,
+}
+
+impl Lookup for Entry<'_> {
+    fn get(&self, key: &str) -> Option<(String, String)> {
+        if let Some(v) = self.table.get(key) {
+            return Some((self.origin(key), v.clone()));
+        }
+        // The queue and its own companions and routing are never inherited.
+        if SUBSCRIPTION_ONLY.contains(&key) {
+            return None;
+        }
+        self.parent.get(key)
+    }
+
+    fn origin(&self, key: &str) -> String {
+        self.parent
+            .file_origin(&format!("subscription[{}].{key}", self.index + 1))
+    }
+}
+
+/// Keys a `[[subscription]]` entry may set, beyond which the top-level value applies.
+const SUBSCRIPTION_KEYS: &[&str] = &[
+    "queue",
+    "declare",
+    "queue-type",
+    "single-active-consumer",
+    "exchange",
+    "exchange-type",
+    "binding-key",
+    "target-url",
+    "path",
+    "prefetch",
+    "concurrency",
+    "handler-timeout",
+    "max-deliveries",
+    "retry-backoff",
+    "retry-backoff-max",
+    "dead-letter-queue",
+    "retry-queue",
+];
+
+/// Keys an entry never inherits from the top level.
+const SUBSCRIPTION_ONLY: &[&str] = &[
+    "queue",
+    "exchange",
+    "binding-key",
+    "path",
+    "dead-letter-queue",
+    "retry-queue",
+];
+
+fn subscription(l: &impl Lookup, base_target: &Uri) -> Result<SubscriptionConfig, ConfigError> {
+    let queue = l.required("queue", parse_name)?;
+    let prefetch = l.required("prefetch", |s| parse_int(s, 1, u16::MAX as u64))? as u16;
+    let concurrency = l.required("concurrency", |s| parse_int(s, 1, 65_535))? as usize;
+    if concurrency > prefetch as usize {
+        return Err(ConfigError::new(
+            l.get("concurrency")
+                .map(|(o, _)| o)
+                .unwrap_or_else(|| l.origin("concurrency")),
+            format!(
+                "{concurrency} is more than --prefetch ({prefetch}); the extra slots could never be used"
+            ),
+        ));
+    }
+    let retry_backoff = l.required("retry-backoff", parse_duration)?;
+    let retry_backoff_max = l.required("retry-backoff-max", parse_duration)?;
+    if retry_backoff > retry_backoff_max {
+        return Err(ConfigError::new(
+            l.origin("retry-backoff"),
+            "is longer than --retry-backoff-max",
+        ));
+    }
+    let exchange_type = l.required("exchange-type", |s| match s {
+        "direct" => Ok(ExchangeType::Direct),
+        "topic" => Ok(ExchangeType::Topic),
+        "fanout" => Ok(ExchangeType::Fanout),
+        "headers" => Ok(ExchangeType::Headers),
+        other => Err(format!(
+            "{other:?} is not an exchange type: expected direct, topic, fanout or headers"
+        )),
+    })?;
+    let exchange = l.parse("exchange", parse_name)?;
+    let binding_keys: Vec<String> = l
+        .parse("binding-key", |s| {
+            Ok(s.split(',').map(|k| k.trim().to_string()).collect())
+        })?
+        .unwrap_or_default();
+    if exchange.is_none() && !binding_keys.is_empty() {
+        return Err(ConfigError::new(
+            l.origin("binding-key"),
+            "needs --exchange: a binding key binds the queue to an exchange",
+        ));
+    }
+    if let Some(k) = binding_keys.iter().find(|k| k.len() > 255) {
+        return Err(ConfigError::new(
+            l.origin("binding-key"),
+            format!(
+                "a key is {} bytes long; AMQP keys are at most 255 bytes",
+                k.len()
+            ),
+        ));
+    }
+    let target_url = match (l.parse("path", |s| Ok(s.to_string()))?, l.get("target-url")) {
+        (Some(path), _) => {
+            join_path(base_target, &path).map_err(|p| ConfigError::new(l.origin("path"), p))?
+        }
+        (None, Some(_)) => l.required("target-url", parse_http_url)?,
+        (None, None) => base_target.clone(),
+    };
+    Ok(SubscriptionConfig {
+        dead_letter_queue: l
+            .parse("dead-letter-queue", parse_name)?
+            .unwrap_or_else(|| format!("{queue}.dead-letter")),
+        retry_queue: l
+            .parse("retry-queue", parse_name)?
+            .unwrap_or_else(|| format!("{queue}.retry")),
+        queue,
+        declare: l.required("declare", parse_bool)?,
+        queue_type: l.required("queue-type", |s| match s {
+            "quorum" => Ok(QueueType::Quorum),
+            "classic" => Ok(QueueType::Classic),
+            other => Err(format!(
+                "{other:?} is not a queue type: expected \"quorum\" or \"classic\""
+            )),
+        })?,
+        single_active_consumer: l.required("single-active-consumer", parse_bool)?,
+        exchange: exchange.map(|e| (e, exchange_type)),
+        binding_keys,
+        target_url,
+        prefetch,
+        concurrency,
+        handler_timeout: l.required("handler-timeout", parse_positive_duration)?,
+        max_deliveries: l.required("max-deliveries", |s| parse_int(s, 1, 1_000_000))? as u32,
+        retry_backoff,
+        retry_backoff_max,
+    })
+}
+
+/// `base`'s scheme and authority with `path`.
+fn join_path(base: &Uri, path: &str) -> Result<Uri, String> {
+    if !path.starts_with('/') {
+        return Err(format!("{path:?} must start with /"));
+    }
+    let authority = base.authority().map(|a| a.as_str()).unwrap_or("127.0.0.1");
+    format!("http://{authority}{path}")
+        .parse()
+        .map_err(|_| format!("{path:?} is not a valid URL path"))
+}
+
+type FileValues = (BTreeMap<String, String>, Vec<BTreeMap<String, String>>);
+
+/// Reads the TOML file into key → text, and each `[[subscription]]` entry likewise. Unknown keys
+/// are errors: a typo must not pass silently.
+fn read_file(path: &Path) -> Result<FileValues, ConfigError> {
     let origin = format!("--config {}", path.display());
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::new(&origin, format!("cannot read the file: {e}")))?;
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
         ConfigError::new(&origin, format!("not valid TOML: {}", e.message()))
     })?;
-    let mut out = BTreeMap::new();
+    let named = |key: &str| format!("{key} (in {})", path.display());
+    let mut top = BTreeMap::new();
+    let mut subs = Vec::new();
     for (raw_key, value) in table {
-        let key = raw_key.replace('_', "-");
-        if !KEYS.iter().any(|k| k.name == key) {
-            return Err(ConfigError::new(
-                format!("{raw_key} (in {})", path.display()),
-                "unknown key".to_string(),
-            ));
-        }
-        let text = match value {
-            toml::Value::String(s) => s,
-            toml::Value::Integer(i) => i.to_string(),
-            toml::Value::Float(f) => f.to_string(),
-            toml::Value::Boolean(b) => b.to_string(),
-            toml::Value::Array(items) => {
-                let mut parts = Vec::with_capacity(items.len());
-                for item in items {
-                    match item {
-                        toml::Value::String(s) => parts.push(s),
-                        _ => {
-                            return Err(ConfigError::new(
-                                format!("{raw_key} (in {})", path.display()),
-                                "arrays may hold only strings",
-                            ));
-                        }
-                    }
-                }
-                parts.join(",")
-            }
-            _ => {
+        if raw_key == "subscription" {
+            let toml::Value::Array(entries) = value else {
                 return Err(ConfigError::new(
-                    format!("{raw_key} (in {})", path.display()),
-                    "expected a string, number or boolean",
+                    named("subscription"),
+                    "must be an array of tables: write each entry as [[subscription]]",
                 ));
+            };
+            for (i, entry) in entries.into_iter().enumerate() {
+                let at = |k: &str| named(&format!("subscription[{}].{k}", i + 1));
+                let toml::Value::Table(entry) = entry else {
+                    return Err(ConfigError::new(at(""), "must be a table"));
+                };
+                let mut values = BTreeMap::new();
+                for (raw, v) in entry {
+                    let key = normalize_key(&raw);
+                    if !SUBSCRIPTION_KEYS.contains(&key.as_str()) {
+                        return Err(ConfigError::new(at(&raw), "unknown key in a subscription"));
+                    }
+                    values.insert(
+                        key,
+                        value_text(v).map_err(|p| ConfigError::new(at(&raw), p))?,
+                    );
+                }
+                subs.push(values);
             }
-        };
-        out.insert(key, text);
+            continue;
+        }
+        let key = normalize_key(&raw_key);
+        if !KEYS.iter().any(|k| k.name == key) {
+            return Err(ConfigError::new(named(&raw_key), "unknown key".to_string()));
+        }
+        top.insert(
+            key,
+            value_text(value).map_err(|p| ConfigError::new(named(&raw_key), p))?,
+        );
     }
-    Ok(out)
+    Ok((top, subs))
+}
+
+/// File keys may use `_` or `-`; `binding-keys` is accepted for the repeatable `binding-key`.
+fn normalize_key(raw: &str) -> String {
+    let key = raw.replace('_', "-");
+    if key == "binding-keys" {
+        "binding-key".into()
+    } else {
+        key
+    }
+}
+
+fn value_text(value: toml::Value) -> Result<String, String> {
+    Ok(match value {
+        toml::Value::String(s) => s,
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Float(f) => f.to_string(),
+        toml::Value::Boolean(b) => b.to_string(),
+        toml::Value::Array(items) => {
+            let mut parts = Vec::with_capacity(items.len());
+            for item in items {
+                match item {
+                    toml::Value::String(s) => parts.push(s),
+                    _ => return Err("arrays may hold only strings".into()),
+                }
+            }
+            parts.join(",")
+        }
+        _ => return Err("expected a string, number or boolean".into()),
+    })
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -683,14 +941,14 @@ mod tests {
     #[test]
     fn defaults_apply_when_nothing_is_set() {
         let c = build(&[("queue", "orders")], &[]).unwrap();
-        assert_eq!(c.prefetch, 64);
-        assert_eq!(c.concurrency, 16);
-        assert_eq!(c.dead_letter_queue, "orders.dead-letter");
-        assert_eq!(c.retry_queue, "orders.retry");
+        assert_eq!(c.subscriptions[0].prefetch, 64);
+        assert_eq!(c.subscriptions[0].concurrency, 16);
+        assert_eq!(c.subscriptions[0].dead_letter_queue, "orders.dead-letter");
+        assert_eq!(c.subscriptions[0].retry_queue, "orders.retry");
         assert_eq!(c.nodes.len(), 1);
         assert_eq!(c.nodes[0].to_string(), "127.0.0.1:5672");
-        assert_eq!(c.queue_type, QueueType::Quorum);
-        assert_eq!(c.handler_timeout, Duration::from_secs(30));
+        assert_eq!(c.subscriptions[0].queue_type, QueueType::Quorum);
+        assert_eq!(c.subscriptions[0].handler_timeout, Duration::from_secs(30));
     }
 
     #[test]
@@ -711,10 +969,10 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(c.queue, "from-file");
-        assert_eq!(c.prefetch, 30, "flag wins");
-        assert_eq!(c.concurrency, 3, "env beats file");
-        assert_eq!(c.max_deliveries, 9, "file beats default");
+        assert_eq!(c.subscriptions[0].queue, "from-file");
+        assert_eq!(c.subscriptions[0].prefetch, 30, "flag wins");
+        assert_eq!(c.subscriptions[0].concurrency, 3, "env beats file");
+        assert_eq!(c.subscriptions[0].max_deliveries, 9, "file beats default");
     }
 
     #[test]
@@ -835,6 +1093,116 @@ mod tests {
     }
 
     #[test]
+    fn subscriptions_from_the_file_inherit_top_level_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            r#"
+target-url = "http://127.0.0.1:8080/"
+prefetch = 40
+declare = true
+[[subscription]]
+queue = "orders"
+exchange = "shop"
+binding-keys = ["order.created", "order.paid"]
+path = "/orders"
+concurrency = 4
+[[subscription]]
+queue = "payments"
+exchange = "shop"
+exchange_type = "topic"
+binding_key = "payment.*"
+target-url = "http://127.0.0.1:9000/pay"
+max-deliveries = 9
+"#,
+        )
+        .unwrap();
+        let c = build(
+            &[("config", path.to_str().unwrap())],
+            &[("RABBIT_SIDECAR_HANDLER_TIMEOUT", "7s")],
+        )
+        .unwrap();
+        assert_eq!(c.subscriptions.len(), 2);
+        let (o, p) = (&c.subscriptions[0], &c.subscriptions[1]);
+        assert_eq!(o.queue, "orders");
+        assert_eq!(o.target_url.to_string(), "http://127.0.0.1:8080/orders");
+        assert_eq!(o.binding_keys, ["order.created", "order.paid"]);
+        assert_eq!(o.exchange, Some(("shop".to_string(), ExchangeType::Topic)));
+        assert_eq!((o.prefetch, o.concurrency, o.max_deliveries), (40, 4, 5));
+        assert!(o.declare && p.declare, "inherited");
+        assert_eq!(
+            o.handler_timeout,
+            Duration::from_secs(7),
+            "env applies to every entry"
+        );
+        assert_eq!(p.target_url.to_string(), "http://127.0.0.1:9000/pay");
+        assert_eq!(p.binding_keys, ["payment.*"]);
+        assert_eq!(p.max_deliveries, 9);
+        assert_eq!(p.dead_letter_queue, "payments.dead-letter");
+        assert_eq!(c.max_handler_timeout(), Duration::from_secs(7));
+    }
+
+    #[test]
+    fn subscription_errors_name_the_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let p = path.to_str().unwrap().to_string();
+        let err = |text: &str, flags: &[(&str, &str)]| {
+            std::fs::write(&path, text).unwrap();
+            let mut f = vec![("config", p.as_str())];
+            f.extend_from_slice(flags);
+            build(&f, &[]).unwrap_err()
+        };
+        let e = err(
+            "[[subscription]]\nqueue = \"a\"\n[[subscription]]\nqueue = \"a\"\n",
+            &[],
+        );
+        assert!(e.key.starts_with("subscription[2].queue"), "{e}");
+        let e = err("[[subscription]]\nqueue = \"a\"\nprefech = 1\n", &[]);
+        assert!(e.key.starts_with("subscription[1].prefech"), "{e}");
+        let e = err(
+            "[[subscription]]\nqueue = \"a\"\nexchange-type = \"fan\"\n",
+            &[],
+        );
+        assert!(e.problem.contains("exchange type"), "{e}");
+        let e = err(
+            "[[subscription]]\nqueue = \"a\"\nbinding-key = \"k\"\n",
+            &[],
+        );
+        assert!(e.problem.contains("needs --exchange"), "{e}");
+        let e = err(
+            "[[subscription]]\nqueue = \"a\"\npath = \"no-slash\"\n",
+            &[],
+        );
+        assert!(e.key.starts_with("subscription[1].path"), "{e}");
+        let e = err("[[subscription]]\nqueue = \"a\"\n", &[("queue", "b")]);
+        assert_eq!(e.key, "--queue");
+        let e = err("[[subscription]]\nexchange = \"x\"\n", &[]);
+        assert!(e.key.starts_with("subscription[1].queue"), "{e}");
+        let e = err("subscription = 3\n", &[]);
+        assert!(e.problem.contains("array of tables"), "{e}");
+    }
+
+    #[test]
+    fn exchange_and_binding_flags() {
+        let c = build(
+            &[
+                ("queue", "q"),
+                ("exchange", "ex"),
+                ("binding-key", "a.*,b.#"),
+            ],
+            &[],
+        )
+        .unwrap();
+        let s = &c.subscriptions[0];
+        assert_eq!(s.exchange, Some(("ex".to_string(), ExchangeType::Topic)));
+        assert_eq!(s.binding_keys, ["a.*", "b.#"]);
+        let e = build(&[("queue", "q"), ("binding-key", "a")], &[]).unwrap_err();
+        assert_eq!(e.key, "--binding-key");
+    }
+
+    #[test]
     fn booleans_and_env_names() {
         assert_eq!(
             env_name("single-active-consumer"),
@@ -845,7 +1213,7 @@ mod tests {
             &[("RABBIT_SIDECAR_SINGLE_ACTIVE_CONSUMER", "yes")],
         )
         .unwrap();
-        assert!(c.declare && c.single_active_consumer);
+        assert!(c.subscriptions[0].declare && c.subscriptions[0].single_active_consumer);
         let e = build(&[("queue", "q")], &[("RABBIT_SIDECAR_DECLARE", "maybe")]).unwrap_err();
         assert_eq!(e.key, "RABBIT_SIDECAR_DECLARE");
     }

@@ -63,6 +63,7 @@ pub struct Subscription {
     pub dispatcher: Dispatcher,
     slots: Arc<Semaphore>,
     next_id: AtomicU64,
+    prepared_once: std::sync::atomic::AtomicBool,
 }
 
 impl Subscription {
@@ -81,6 +82,7 @@ impl Subscription {
             dispatcher,
             slots: Arc::new(Semaphore::new(concurrency)),
             next_id: AtomicU64::new(1),
+            prepared_once: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -100,6 +102,9 @@ pub struct Shared {
     /// Cancelled when the shutdown grace is over: return whatever is unfinished.
     pub hard_stop: CancellationToken,
     pub tasks: TaskTracker,
+    /// Set when the configuration cannot work against this broker (a conflicting declaration at
+    /// start-up); the supervisor then stops and reports it.
+    pub fatal: Arc<std::sync::OnceLock<String>>,
 }
 
 enum Exit {
@@ -170,12 +175,23 @@ async fn consume_session(sub: &Arc<Subscription>, shared: &Shared, session: &Arc
     };
     if let Err(e) = topology::prepare(conn, &sub.spec).await {
         tracing::error!(queue = %sub.queue(), error = %e, "cannot prepare the queues");
+        // A declaration that conflicts with what exists is a configuration error at start-up:
+        // stop with it rather than retry forever. Later (someone redeclared under us) it is
+        // reported and retried, and readiness fails.
+        if matches!(e, topology::TopologyError::Conflict { .. })
+            && !sub.prepared_once.load(Ordering::Relaxed)
+        {
+            let _ = shared.fatal.set(e.to_string());
+            shared.shutdown.cancel();
+            return Exit::Shutdown;
+        }
         return if session.is_connected() {
             Exit::Retry(e.to_string())
         } else {
             Exit::Lost
         };
     }
+    sub.prepared_once.store(true, Ordering::Relaxed);
     let channel = match open_consuming_channel(conn, sub.prefetch).await {
         Ok(c) => c,
         Err(e) => return lost_or(e),

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
+const EX_CONFIG: u8 = 78;
 
 fn load(mode: Mode, args: Vec<OsString>) -> Result<Config, ExitCode> {
     let flags = match cli::parse(mode, args) {
@@ -95,7 +96,7 @@ async fn main() -> ExitCode {
     };
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
-        queue = %config.queue,
+        queues = %config.queues().join(","),
         nodes = %config.nodes.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(","),
         target = %config.target_url,
         admin = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -107,6 +108,11 @@ async fn main() -> ExitCode {
     telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ rabbit_sidecar::run::RunError::Topology(_)) => {
+            tracing::error!(error = %e, "stopping: the broker's topology conflicts with the configuration");
+            eprintln!("rabbit-sidecar: {e}");
+            ExitCode::from(EX_CONFIG)
+        }
         Err(e) => {
             eprintln!("rabbit-sidecar: {e}");
             ExitCode::FAILURE

@@ -37,7 +37,6 @@ pub fn refresh(metrics: &Metrics, health: &Health, queues: &[String]) {
 
 pub async fn run(
     config: Arc<Config>,
-    queues: Vec<String>,
     metrics: Metrics,
     health: Arc<Health>,
     sessions: Sessions,
@@ -47,6 +46,7 @@ pub async fn run(
         .consumer_timeout
         .set(config.consumer_timeout.as_secs_f64());
     let warn_at = config.consumer_timeout.mul_f64(0.8);
+    let queues = config.queues();
     let management = config.management_url.clone().map(|u| Management::new(u.0));
     let mut fast = tokio::time::interval(Duration::from_secs(1));
     let mut slow = tokio::time::interval(config.queue_poll_interval);
@@ -62,7 +62,8 @@ pub async fn run(
             _ = slow.tick() => {
                 let session = sessions.borrow().clone();
                 let Some(session) = session else { continue };
-                for q in &queues {
+                for sub in &config.subscriptions {
+                    let q = &sub.queue;
                     let consumers = match queue_stats(&session.connection, q).await {
                         Ok((ready, consumers)) => {
                             metrics.queue_messages_ready.with_label_values(&[q]).set(i64::from(ready));
@@ -77,9 +78,9 @@ pub async fn run(
                     let active = match (&management, health.status().subscriptions.iter().find(|s| &s.queue == q).and_then(|s| s.consumer_tag.clone())) {
                         (Some(api), Some(tag)) => match api.consumer_active(q, &tag).await {
                             Some(active) => active,
-                            None => health.infer_active(q, config.single_active_consumer, consumers, config.queue_poll_interval * 2),
+                            None => health.infer_active(q, sub.single_active_consumer, consumers, config.queue_poll_interval * 2),
                         },
-                        _ => health.infer_active(q, config.single_active_consumer, consumers, config.queue_poll_interval * 2),
+                        _ => health.infer_active(q, sub.single_active_consumer, consumers, config.queue_poll_interval * 2),
                     };
                     metrics.consumer_active.with_label_values(&[q]).set(i64::from(active));
                     match health.state(q) {

@@ -21,18 +21,28 @@ use crate::monitor;
 use crate::policy::Limits;
 use crate::topology::QueueSpec;
 
+/// Why the sidecar stopped other than by a signal.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("admin server: {0}")]
+    Io(#[from] std::io::Error),
+    /// The broker holds a declaration that conflicts with the configuration.
+    #[error("{0}")]
+    Topology(String),
+}
+
 /// Runs the sidecar until `shutdown` is cancelled, then drains. The admin server is served on
 /// `admin_listener` (bind it first, so tests can use port 0).
 pub async fn run(
     config: Config,
     admin_listener: std::net::TcpListener,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
+) -> Result<(), RunError> {
     let config = Arc::new(config);
-    let queues = vec![config.queue.clone()];
+    let queues = config.queues();
     let queue_refs: Vec<&str> = queues.iter().map(String::as_str).collect();
     let metrics = Metrics::new(&queue_refs);
-    let health = Arc::new(Health::new(&queue_refs, config.handler_timeout));
+    let health = Arc::new(Health::new(&queue_refs, config.max_handler_timeout()));
 
     let admin_stop = CancellationToken::new();
     let admin_thread = admin::spawn(
@@ -57,23 +67,25 @@ pub async fn run(
     let monitor_stop = CancellationToken::new();
     let monitor_task = tokio::spawn(monitor::run(
         config.clone(),
-        queues.clone(),
         metrics.clone(),
         health.clone(),
         sessions.clone(),
         monitor_stop.clone(),
     ));
 
-    let dispatcher = Dispatcher::new(
+    // One gate for the app: every subscription that hands messages to it pauses together.
+    let prober = Dispatcher::new(
         config.target_url.clone(),
-        config.handler_timeout,
+        config.max_handler_timeout(),
         config.app_health_url.clone(),
-    );
+    )
+    .prober()
+    .clone();
     let shared = Shared {
         metrics: metrics.clone(),
         health: health.clone(),
         gate: AppGate::new(
-            dispatcher.prober().clone(),
+            prober,
             config.app_probe_interval,
             metrics.clone(),
             health.clone(),
@@ -82,30 +94,43 @@ pub async fn run(
         shutdown: shutdown.clone(),
         hard_stop: CancellationToken::new(),
         tasks: TaskTracker::new(),
+        fatal: Arc::default(),
     };
-    let subscription = Arc::new(Subscription::new(
-        QueueSpec {
-            queue: config.queue.clone(),
-            retry_queue: config.retry_queue.clone(),
-            dead_letter_queue: config.dead_letter_queue.clone(),
-            declare: config.declare,
-            queue_type: config.queue_type,
-            single_active_consumer: config.single_active_consumer,
-        },
-        config.prefetch,
-        config.concurrency,
-        Limits {
-            max_deliveries: config.max_deliveries,
-            backoff: config.retry_backoff,
-            backoff_max: config.retry_backoff_max,
-        },
-        dispatcher,
-    ));
-    let loops = vec![tokio::spawn(consumer::run(
-        subscription,
-        shared.clone(),
-        sessions.clone(),
-    ))];
+    let loops: Vec<_> = config
+        .subscriptions
+        .iter()
+        .map(|sub| {
+            let subscription = Arc::new(Subscription::new(
+                QueueSpec {
+                    queue: sub.queue.clone(),
+                    retry_queue: sub.retry_queue.clone(),
+                    dead_letter_queue: sub.dead_letter_queue.clone(),
+                    declare: sub.declare,
+                    queue_type: sub.queue_type,
+                    single_active_consumer: sub.single_active_consumer,
+                    exchange: sub.exchange.clone(),
+                    binding_keys: sub.binding_keys.clone(),
+                },
+                sub.prefetch,
+                sub.concurrency,
+                Limits {
+                    max_deliveries: sub.max_deliveries,
+                    backoff: sub.retry_backoff,
+                    backoff_max: sub.retry_backoff_max,
+                },
+                Dispatcher::new(
+                    sub.target_url.clone(),
+                    sub.handler_timeout,
+                    config.app_health_url.clone(),
+                ),
+            ));
+            tokio::spawn(consumer::run(
+                subscription,
+                shared.clone(),
+                sessions.clone(),
+            ))
+        })
+        .collect();
 
     shutdown.cancelled().await;
     tracing::info!(
@@ -135,5 +160,8 @@ pub async fn run(
     admin_stop.cancel();
     let _ = tokio::task::spawn_blocking(move || admin_thread.join()).await;
     tracing::info!("stopped");
-    Ok(())
+    match shared.fatal.get() {
+        Some(reason) => Err(RunError::Topology(reason.clone())),
+        None => Ok(()),
+    }
 }

@@ -10,7 +10,10 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Connection, ErrorKind};
 
-use crate::config::QueueType;
+use lapin::ExchangeKind;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions};
+
+use crate::config::{ExchangeType, QueueType};
 
 /// What one subscription consumes and where its retries and dead letters go.
 #[derive(Debug, Clone)]
@@ -21,6 +24,8 @@ pub struct QueueSpec {
     pub declare: bool,
     pub queue_type: QueueType,
     pub single_active_consumer: bool,
+    pub exchange: Option<(String, ExchangeType)>,
+    pub binding_keys: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -28,9 +33,13 @@ pub enum TopologyError {
     #[error("queue {0:?} does not exist (start with --declare to create it)")]
     Missing(String),
     #[error(
-        "queue {queue:?} exists with different arguments than requested ({detail}); delete it or drop the conflicting flags"
+        "{what} {name:?} exists with different arguments than requested ({detail}); delete it or change the conflicting settings"
     )]
-    Conflict { queue: String, detail: String },
+    Conflict {
+        what: &'static str,
+        name: String,
+        detail: String,
+    },
     #[error("declaring {queue:?}: {error}")]
     Broker { queue: String, error: lapin::Error },
 }
@@ -102,14 +111,96 @@ async fn declare(
         .await
         .map_err(|error| match reply_code(&error) {
             Some(406) => TopologyError::Conflict {
-                queue: name.into(),
-                detail: error.to_string(),
+                what: "queue",
+                name: name.into(),
+                detail: broker_text(&error),
             },
             _ => TopologyError::Broker {
                 queue: name.into(),
                 error,
             },
         })
+}
+
+/// The broker's own words (`PRECONDITION_FAILED - inequivalent arg 'type' ...`), which name the
+/// difference exactly.
+fn broker_text(e: &lapin::Error) -> String {
+    match e.kind() {
+        ErrorKind::ProtocolError(p) => p.get_message().as_str().to_string(),
+        _ => e.to_string(),
+    }
+}
+
+fn exchange_kind(t: ExchangeType) -> ExchangeKind {
+    match t {
+        ExchangeType::Direct => ExchangeKind::Direct,
+        ExchangeType::Topic => ExchangeKind::Topic,
+        ExchangeType::Fanout => ExchangeKind::Fanout,
+        ExchangeType::Headers => ExchangeKind::Headers,
+    }
+}
+
+/// Declares the exchange (durable; an equal existing one is fine, a different one is refused by
+/// the broker) and binds the queue with every binding key (idempotent).
+async fn declare_exchange_and_bind(
+    connection: &Connection,
+    spec: &QueueSpec,
+    name: &str,
+    kind: ExchangeType,
+) -> Result<(), TopologyError> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|error| TopologyError::Broker {
+            queue: name.into(),
+            error,
+        })?;
+    let declared = channel
+        .exchange_declare(
+            name.into(),
+            exchange_kind(kind),
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    if let Err(error) = declared {
+        return Err(match reply_code(&error) {
+            Some(406) => TopologyError::Conflict {
+                what: "exchange",
+                name: name.into(),
+                detail: broker_text(&error),
+            },
+            _ => TopologyError::Broker {
+                queue: name.into(),
+                error,
+            },
+        });
+    }
+    let keys: Vec<&str> = if spec.binding_keys.is_empty() {
+        vec![""]
+    } else {
+        spec.binding_keys.iter().map(String::as_str).collect()
+    };
+    for key in keys {
+        channel
+            .queue_bind(
+                spec.queue.as_str().into(),
+                name.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|error| TopologyError::Broker {
+                queue: spec.queue.clone(),
+                error,
+            })?;
+    }
+    let _ = channel.close(200, "bound".into()).await;
+    Ok(())
 }
 
 fn text(s: &str) -> AMQPValue {
@@ -130,6 +221,9 @@ pub fn queue_arguments(spec: &QueueSpec) -> FieldTable {
 pub async fn prepare(connection: &Connection, spec: &QueueSpec) -> Result<(), TopologyError> {
     if spec.declare {
         declare(connection, &spec.queue, queue_arguments(spec)).await?;
+        if let Some((exchange, kind)) = &spec.exchange {
+            declare_exchange_and_bind(connection, spec, exchange, *kind).await?;
+        }
     } else {
         match declare_on_fresh_channel(connection, &spec.queue, true, FieldTable::default()).await {
             Ok(()) => {}
