@@ -42,6 +42,7 @@ use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProces
 use opentelemetry_sdk::trace::{BatchConfigBuilder, Sampler, SdkTracer, SdkTracerProvider};
 use tracing::Subscriber;
 use tracing_subscriber::filter::{EnvFilter, Targets};
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt as _;
@@ -130,6 +131,36 @@ impl Telemetry {
         format: LogFormat,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<(Telemetry, tracing::Dispatch), TelemetryError> {
+        Self::build_inner(
+            format,
+            env,
+            std::io::stderr,
+            std::io::stderr().is_terminal(),
+        )
+    }
+
+    /// [`Telemetry::build`] with log lines going to `writer` (without colours) instead of
+    /// stderr, so a test can read what an operator would see.
+    pub fn build_with_writer<W>(
+        format: LogFormat,
+        env: &dyn Fn(&str) -> Option<String>,
+        writer: W,
+    ) -> Result<(Telemetry, tracing::Dispatch), TelemetryError>
+    where
+        W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+    {
+        Self::build_inner(format, env, writer, false)
+    }
+
+    fn build_inner<W>(
+        format: LogFormat,
+        env: &dyn Fn(&str) -> Option<String>,
+        writer: W,
+        ansi: bool,
+    ) -> Result<(Telemetry, tracing::Dispatch), TelemetryError>
+    where
+        W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+    {
         let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
         let filter_spec = env("RUST_LOG").unwrap_or_else(|| "info".to_owned());
         let filter = EnvFilter::try_new(&filter_spec).map_err(|e| TelemetryError::Invalid {
@@ -142,14 +173,14 @@ impl Telemetry {
 
         let fmt_layer: Box<dyn Layer<Registry> + Send + Sync> = match format {
             LogFormat::Text => tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(writer)
+                .with_ansi(ansi)
                 .boxed(),
             // The span list carries the process span's trace_id into lines logged from its
             // children (the HTTP client span) too.
             LogFormat::Json => tracing_subscriber::fmt::layer()
                 .json()
-                .with_writer(std::io::stderr)
+                .with_writer(writer)
                 .with_current_span(true)
                 .with_span_list(true)
                 .boxed(),

@@ -85,7 +85,8 @@ impl MessageTrace {
             otel.name = name.as_str(),
             otel.kind = "consumer",
             messaging.destination.name = meta.queue,
-            messaging.rabbitmq.message.delivery_tag = meta.delivery_tag,
+            // tracing-opentelemetry turns u64 into a string; a tag never nears i64::MAX.
+            messaging.rabbitmq.message.delivery_tag = i64::try_from(meta.delivery_tag).ok(),
             messaging.message.id = meta.message_id,
             trace_id = Empty,
             "rabbit_sidecar.decision" = Empty,
@@ -107,7 +108,7 @@ impl MessageTrace {
         trace.trace_id =
             valid_span_context(&trace.current_context()).map(|sc| sc.trace_id().to_string());
         if let Some(id) = &trace.trace_id {
-            trace.span.record("trace_id", id.as_str());
+            trace.span.record("trace_id", tracing::field::display(id));
         }
         trace
     }
@@ -144,7 +145,7 @@ impl MessageTrace {
             otel.kind = "client",
             http.request.method = method,
             server.address = host,
-            server.port = port,
+            server.port = i64::from(port),
             url.full = full.as_str(),
             http.response.status_code = Empty,
             "error.type" = Empty,
@@ -232,7 +233,7 @@ impl MessageTrace {
 /// Records the app's HTTP status on a CLIENT span; 4xx and 5xx also mark it failed, with the
 /// status code as `error.type`, as the HTTP client conventions ask.
 pub fn record_http_status(span: &tracing::Span, status: u16) {
-    span.record("http.response.status_code", status);
+    span.record("http.response.status_code", i64::from(status));
     if status >= 400 {
         mark_error(span, &status.to_string());
     }
