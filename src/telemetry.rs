@@ -37,6 +37,7 @@ use std::time::Duration;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{ExporterBuildError, Protocol, SpanExporter, WithExportConfig as _};
 use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::runtime;
 use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
 use opentelemetry_sdk::trace::{BatchConfigBuilder, Sampler, SdkTracer, SdkTracerProvider};
@@ -115,13 +116,10 @@ impl Telemetry {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Telemetry, TelemetryError> {
         let (telemetry, dispatch) = Self::build(format, env)?;
-        if let Err(e) = dispatch.try_init() {
-            // Nothing will ever use this provider; stop its batch task now.
-            if let Some(provider) = &telemetry.provider {
-                let _ = provider.shutdown_with_timeout(Duration::ZERO);
-            }
-            return Err(TelemetryError::Install(e.to_string()));
-        }
+        // On failure, dropping `telemetry` stops the exporter nobody will use.
+        dispatch
+            .try_init()
+            .map_err(|e| TelemetryError::Install(e.to_string()))?;
         Ok(telemetry)
     }
 
@@ -200,26 +198,11 @@ impl Telemetry {
     }
 
     /// Flushes queued spans and stops the exporter, waiting at most [`SHUTDOWN_GRACE`].
-    ///
-    /// The SDK's shutdown blocks its caller until the batch task, which runs on this runtime,
-    /// has exported; so it runs on a thread of its own while this task yields. A plain thread
-    /// rather than `spawn_blocking`, because dropping the runtime would wait for a stuck
-    /// blocking task forever.
-    pub async fn shutdown(self) {
-        let Some(provider) = self.provider else {
+    pub async fn shutdown(mut self) {
+        let Some(done) = self.provider.take().and_then(shut_down_in_background) else {
             return;
         };
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let spawned = std::thread::Builder::new()
-            .name("otel-shutdown".to_owned())
-            .spawn(move || {
-                let _ = done_tx.send(provider.shutdown_with_timeout(SHUTDOWN_GRACE));
-            });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "could not start the trace exporter shutdown");
-            return;
-        }
-        match tokio::time::timeout(SHUTDOWN_GRACE, done_rx).await {
+        match tokio::time::timeout(SHUTDOWN_GRACE, done).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => tracing::warn!(error = %e, "trace exporter shutdown failed"),
             Ok(Err(_)) => tracing::warn!("trace exporter shutdown thread died"),
@@ -227,6 +210,41 @@ impl Telemetry {
                 grace = ?SHUTDOWN_GRACE,
                 "trace exporter did not flush in time; queued spans are lost"
             ),
+        }
+    }
+}
+
+/// Dropping without [`Telemetry::shutdown`] still stops the exporter, in the background and
+/// without waiting for the flush. Left to the SDK, the last provider reference would shut down
+/// on the dropping thread and, on a current-thread runtime, wait forever for the batch task that
+/// only that thread could run.
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            shut_down_in_background(provider);
+        }
+    }
+}
+
+/// The SDK's shutdown blocks its caller until the batch task, which runs on the runtime, has
+/// exported; so it gets a thread of its own and the caller may await the result. A plain thread
+/// rather than `spawn_blocking`, because dropping the runtime would wait for a stuck blocking
+/// task forever. The thread holds a provider reference until the shutdown flag is set, so no
+/// other drop can start a blocking shutdown of its own.
+fn shut_down_in_background(
+    provider: SdkTracerProvider,
+) -> Option<tokio::sync::oneshot::Receiver<OTelSdkResult>> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("otel-shutdown".to_owned())
+        .spawn(move || {
+            let _ = done_tx.send(provider.shutdown_with_timeout(SHUTDOWN_GRACE));
+        });
+    match spawned {
+        Ok(_) => Some(done_rx),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not start the trace exporter shutdown");
+            None
         }
     }
 }
