@@ -23,7 +23,8 @@
 //!
 //! Export runs on the tokio runtime (batch processor, tonic or hyper without TLS or proxies), so
 //! [`Telemetry::init`] must be called inside the runtime, and [`Telemetry::shutdown`] awaited
-//! before it stops: that flushes what is queued and gives up after [`SHUTDOWN_GRACE`].
+//! before it stops: that flushes what is queued and gives up after [`SHUTDOWN_GRACE`]. Merely
+//! dropping the handle stops export in the background with no promise that anything is flushed.
 //!
 //! Only spans and events of this crate reach the exporter, whatever `RUST_LOG` says: the log
 //! filter must not be able to switch traces off, and the exporter's own HTTP/gRPC stack must not
