@@ -463,7 +463,13 @@ async fn handle(
         headers: msg_headers,
     });
 
-    let settled_by_ack = process(&sub, &shared, &publisher, &delivery, id, attempt, &trace).await;
+    // Everything logged while the message is handled carries its trace id.
+    let span = trace.span().clone();
+    let settled_by_ack = tracing::Instrument::instrument(
+        process(&sub, &shared, &publisher, &delivery, id, attempt, &trace),
+        span,
+    )
+    .await;
     shared.health.settled(queue, id, settled_by_ack);
 }
 
@@ -528,8 +534,14 @@ async fn process(
             return false;
         }
     };
-    if let Some(status) = answer.outcome.status() {
-        crate::trace::record_http_status(&client_span, status);
+    match answer.outcome {
+        Outcome::Unreachable => crate::trace::record_client_error(&client_span, "unreachable"),
+        Outcome::Retryable { reason, status: None } => crate::trace::record_client_error(&client_span, reason.as_str()),
+        other => {
+            if let Some(status) = other.status() {
+                crate::trace::record_http_status(&client_span, status);
+            }
+        }
     }
     shared.health.dispatch_finished(queue, id);
     drop(client_span);

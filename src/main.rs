@@ -47,7 +47,7 @@ async fn main() -> ExitCode {
             let telemetry = Telemetry::init(format).ok();
             let code = rabbit_sidecar::remediate::cli_main(args[2..].to_vec()).await;
             if let Some(t) = telemetry {
-                t.shutdown();
+                t.shutdown().await;
             }
             return code;
         }
@@ -105,7 +105,7 @@ async fn main() -> ExitCode {
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
     let result = rabbit_sidecar::run::run(config, listener, shutdown).await;
-    telemetry.shutdown();
+    telemetry.shutdown().await;
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ rabbit_sidecar::run::RunError::Topology(_)) => {
