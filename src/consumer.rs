@@ -536,7 +536,10 @@ async fn process(
     };
     match answer.outcome {
         Outcome::Unreachable => crate::trace::record_client_error(&client_span, "unreachable"),
-        Outcome::Retryable { reason, status: None } => crate::trace::record_client_error(&client_span, reason.as_str()),
+        Outcome::Retryable {
+            reason,
+            status: None,
+        } => crate::trace::record_client_error(&client_span, reason.as_str()),
         other => {
             if let Some(status) = other.status() {
                 crate::trace::record_http_status(&client_span, status);

@@ -102,7 +102,10 @@ pub fn to_http(info: &DeliveryInfo<'_>) -> HeaderMap {
     if let Some(table) = p.headers() {
         for (name, value) in table.inner() {
             let name = name.as_str();
-            if name.eq_ignore_ascii_case("traceparent") || name.eq_ignore_ascii_case("tracestate") {
+            if name.is_empty()
+                || name.eq_ignore_ascii_case("traceparent")
+                || name.eq_ignore_ascii_case("tracestate")
+            {
                 continue;
             }
             let Ok(header) = HeaderName::from_bytes(format!("x-amqp-header-{name}").as_bytes())

@@ -162,7 +162,7 @@ impl Metrics {
                 "Deliveries flagged redelivered, with a delivery count above zero, or carrying earlier failed attempts.",
                 q,
             ),
-            acks: counter_vec(&r, "rabbit_sidecar_acks_total", "Messages acknowledged to the broker.", q),
+            acks: counter_vec(&r, "rabbit_sidecar_acks_total", "Messages acked after the app accepted them (2xx). Retried and dead-lettered originals count in retries_total and dead_letters_total.", q),
             nacks: counter_vec(
                 &r,
                 "rabbit_sidecar_nacks_total",
