@@ -164,7 +164,7 @@ pub async fn run(
                 }
                 .emit(&metrics);
                 index += 1;
-                if index % nodes.len() == 0 {
+                if index.is_multiple_of(nodes.len()) {
                     let delay = backoff(config.reconnect_backoff, config.reconnect_backoff_max, failed_passes);
                     failed_passes = failed_passes.saturating_add(1);
                     tokio::select! {

@@ -169,11 +169,11 @@ pub fn close_connections_named(needle: &str) -> usize {
     let list = rabbitmqctl(&["list_connections", "-q", "--no-table-headers", "pid", "client_properties"]);
     let mut closed = 0;
     for line in list.lines() {
-        if line.contains(needle) {
-            if let Some(pid) = line.split_whitespace().next() {
-                let _ = Command::new("rabbitmqctl").args(["close_connection", pid, "test closes the connection"]).output();
-                closed += 1;
-            }
+        if line.contains(needle)
+            && let Some(pid) = line.split_whitespace().next()
+        {
+            let _ = Command::new("rabbitmqctl").args(["close_connection", pid, "test closes the connection"]).output();
+            closed += 1;
         }
     }
     closed
