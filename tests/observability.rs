@@ -186,7 +186,8 @@ async fn every_family_and_known_label_value_exists_at_zero_on_the_first_scrape()
             got
         })
         .await,
-        "no /metrics answer; logs:\n{}",
+        "no /metrics answer (process {}); logs:\n{}",
+        sidecar.process_state(),
         sidecar.logs()
     );
     let (status, scrape) = first.into_inner().unwrap().unwrap();
