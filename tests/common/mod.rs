@@ -488,9 +488,22 @@ impl Sidecar {
         .await;
         assert!(
             ok,
-            "sidecar not ready within {timeout:?}; logs:\n{}",
+            "sidecar not ready within {timeout:?} (process {}); logs:\n{}",
+            self.process_state(),
             self.logs()
         );
+    }
+
+    /// The child's scheduler state from `/proc` ("R", "S", ... or "Z" once it exited and was not
+    /// yet reaped), for failure messages: an empty log from a dead process reads differently.
+    pub fn process_state(&self) -> String {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(") ")
+                    .map(|(_, rest)| rest.split(' ').next().unwrap_or("?").to_string())
+            })
+            .unwrap_or_else(|| "gone".into())
     }
 
     pub async fn metrics(&self) -> String {
