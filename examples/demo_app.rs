@@ -49,7 +49,11 @@ impl Settings {
         let delay_ms: u64 = env_or("DEMO_DELAY_MS", "0")
             .parse()
             .map_err(|e| format!("DEMO_DELAY_MS: {e}"))?;
-        Ok(Self { listen, fail_percent, delay: Duration::from_millis(delay_ms) })
+        Ok(Self {
+            listen,
+            fail_percent,
+            delay: Duration::from_millis(delay_ms),
+        })
     }
 }
 
@@ -87,7 +91,12 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Result<Reply, 
             return Ok(reply(StatusCode::OK, "recovered\n"));
         }
         (&Method::POST, _) => {}
-        _ => return Ok(reply(StatusCode::METHOD_NOT_ALLOWED, "POST a message, or GET /healthz\n")),
+        _ => {
+            return Ok(reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "POST a message, or GET /healthz\n",
+            ));
+        }
     }
 
     // Read the whole body first so a slow or hung answer still looks like "the app received it".
@@ -109,7 +118,10 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Result<Reply, 
     let fail = rand::rng().random_range(0..100) < state.settings.fail_percent;
     if fail {
         tracing::info!(%path, bytes = body.len(), seq, "answering 500 (DEMO_FAIL_PERCENT)");
-        Ok(reply(StatusCode::INTERNAL_SERVER_ERROR, "simulated failure\n"))
+        Ok(reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "simulated failure\n",
+        ))
     } else {
         tracing::debug!(%path, bytes = body.len(), seq, "handled");
         Ok(reply(StatusCode::OK, "ok\n"))
@@ -129,8 +141,7 @@ async fn shutdown_signal() {
 async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let settings = match Settings::from_env() {
@@ -153,7 +164,11 @@ async fn main() {
         delay_ms = settings.delay.as_millis() as u64,
         "demo app listening"
     );
-    let state = Arc::new(State { settings, hung: AtomicBool::new(false), handled: AtomicU64::new(0) });
+    let state = Arc::new(State {
+        settings,
+        hung: AtomicBool::new(false),
+        handled: AtomicU64::new(0),
+    });
 
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);

@@ -104,7 +104,10 @@ async fn connect(settings: &Settings) -> Connection {
 }
 
 async fn publish_loop(settings: &Settings, channel: &Channel, sent: &mut u64) -> Stopped {
-    if let Err(error) = channel.confirm_select(ConfirmSelectOptions::default()).await {
+    if let Err(error) = channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+    {
         return Stopped::Lost(error);
     }
     let mut ticker = tokio::time::interval(settings.period);
@@ -114,7 +117,9 @@ async fn publish_loop(settings: &Settings, channel: &Channel, sent: &mut u64) ->
             return Stopped::Done;
         }
         ticker.tick().await;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         let message_id = format!("demo-{}-{}", now.as_millis(), *sent);
         let traceparent = new_traceparent();
         let mut headers = FieldTable::default();
@@ -138,7 +143,10 @@ async fn publish_loop(settings: &Settings, channel: &Channel, sent: &mut u64) ->
             .basic_publish(
                 "".into(),
                 settings.queue.as_str().into(),
-                BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
                 body.as_bytes(),
                 properties,
             )
