@@ -12,49 +12,29 @@ use std::process::Command;
 
 use serde_yaml::Value;
 
-/// The metric names of the contract (issue #4); histograms expand to `_bucket`/`_sum`/`_count`.
-const CONTRACT_METRICS: &[&str] = &[
-    "rabbit_sidecar_deliveries_total",
-    "rabbit_sidecar_redeliveries_total",
-    "rabbit_sidecar_acks_total",
-    "rabbit_sidecar_nacks_total",
-    "rabbit_sidecar_retries_total",
-    "rabbit_sidecar_dead_letters_total",
-    "rabbit_sidecar_dead_letter_failures_total",
-    "rabbit_sidecar_reconnects_total",
-    "rabbit_sidecar_connection_losses_total",
-    "rabbit_sidecar_connect_failures_total",
-    "rabbit_sidecar_consumer_cancellations_total",
-    "rabbit_sidecar_ack_timeout_warnings_total",
-    "rabbit_sidecar_connection_up",
-    "rabbit_sidecar_connection_blocked",
-    "rabbit_sidecar_consumer_up",
-    "rabbit_sidecar_consumer_active",
-    "rabbit_sidecar_app_up",
-    "rabbit_sidecar_ready",
-    "rabbit_sidecar_in_flight_messages",
-    "rabbit_sidecar_last_delivery_timestamp_seconds",
-    "rabbit_sidecar_last_ack_timestamp_seconds",
-    "rabbit_sidecar_oldest_unacked_age_seconds",
-    "rabbit_sidecar_consumer_timeout_seconds",
-    "rabbit_sidecar_queue_messages_ready",
-    "rabbit_sidecar_queue_consumers",
-    "rabbit_sidecar_build_info",
-    "process_cpu_seconds_total",
-    "process_resident_memory_bytes",
-    "process_open_fds",
-    "process_start_time_seconds",
-];
-const CONTRACT_HISTOGRAMS: &[&str] = &[
-    "rabbit_sidecar_handler_duration_seconds",
-    "rabbit_sidecar_delivery_attempts",
-    "rabbit_sidecar_message_age_seconds",
-];
+/// Every family the sidecar really exports, with the series names a histogram adds: taken from
+/// the sidecar's own registry, so renaming a metric without its dashboards and rules fails here.
+fn exported_series_names() -> BTreeSet<String> {
+    let metrics = rabbit_sidecar::metrics::Metrics::new(&["q"]);
+    let mut names = BTreeSet::new();
+    for family in metrics.registry().gather() {
+        let name = family.name().to_string();
+        if family.get_field_type() == prometheus::proto::MetricType::HISTOGRAM {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                names.insert(format!("{name}{suffix}"));
+            }
+        } else {
+            names.insert(name);
+        }
+    }
+    names
+}
 
 /// Which container each self-healing alert restarts; the remediation receiver acts on these.
 const RESTART_ALERTS: &[(&str, &str)] = &[
     ("RabbitSidecarDown", "sidecar"),
     ("RabbitSidecarAppDown", "app"),
+    ("RabbitSidecarAppHung", "app"),
     ("RabbitSidecarConsumerStalled", "sidecar"),
 ];
 
@@ -144,12 +124,10 @@ fn metrics_in(expr: &str) -> BTreeSet<String> {
 }
 
 fn is_contract_metric(name: &str) -> bool {
-    CONTRACT_METRICS.contains(&name)
-        || CONTRACT_HISTOGRAMS.iter().any(|histogram| {
-            ["_bucket", "_sum", "_count"]
-                .iter()
-                .any(|suffix| name == format!("{histogram}{suffix}"))
-        })
+    thread_local! {
+        static EXPORTED: BTreeSet<String> = exported_series_names();
+    }
+    EXPORTED.with(|e| e.contains(name))
 }
 
 struct AlertRule {

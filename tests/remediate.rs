@@ -1016,7 +1016,7 @@ fn the_compose_example_configuration_is_valid() {
         containers,
         [
             ("app", "rabbit-sidecar-demo-app"),
-            ("sidecar", "rabbit-sidecar")
+            ("sidecar", "rabbit-sidecar-demo-sidecar")
         ]
     );
 }
