@@ -15,34 +15,6 @@ use lapin::types::{
     AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString, ShortString,
 };
 
-fn args<'a>(queue: &'a str, app: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut a = vec![
-        "--amqp-url",
-        AMQP,
-        "--queue",
-        queue,
-        "--target-url",
-        app,
-        "--declare",
-        "--queue-type",
-        "classic",
-        "--retry-backoff",
-        "100ms",
-        "--heartbeat",
-        "2s",
-        "--app-probe-interval",
-        "200ms",
-        "--queue-poll-interval",
-        "500ms",
-    ];
-    a.extend_from_slice(extra);
-    a
-}
-
-fn q(queue: &str) -> String {
-    format!("queue=\"{queue}\"")
-}
-
 fn props(id: &str, headers: FieldTable) -> BasicProperties {
     BasicProperties::default()
         .with_message_id(id.into())

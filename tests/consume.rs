@@ -10,34 +10,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn args<'a>(queue: &'a str, app: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut a = vec![
-        "--amqp-url",
-        AMQP,
-        "--queue",
-        queue,
-        "--target-url",
-        app,
-        "--declare",
-        "--queue-type",
-        "classic",
-        "--retry-backoff",
-        "100ms",
-        "--heartbeat",
-        "2s",
-        "--app-probe-interval",
-        "200ms",
-        "--queue-poll-interval",
-        "500ms",
-    ];
-    a.extend_from_slice(extra);
-    a
-}
-
-fn q(queue: &str) -> String {
-    format!("queue=\"{queue}\"")
-}
-
 #[tokio::test]
 async fn acks_on_2xx_and_maps_headers() {
     let broker = Broker::connect().await;

@@ -14,34 +14,6 @@ use rabbit_sidecar::metrics::{CancelReason, HANDLER_OUTCOMES, LossReason};
 use rabbit_sidecar::policy::{DeadLetterReason, RetryReason};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn args<'a>(queue: &'a str, app: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut a = vec![
-        "--amqp-url",
-        AMQP,
-        "--queue",
-        queue,
-        "--target-url",
-        app,
-        "--declare",
-        "--queue-type",
-        "classic",
-        "--retry-backoff",
-        "100ms",
-        "--heartbeat",
-        "2s",
-        "--app-probe-interval",
-        "200ms",
-        "--queue-poll-interval",
-        "500ms",
-    ];
-    a.extend_from_slice(extra);
-    a
-}
-
-fn q(queue: &str) -> String {
-    format!("queue=\"{queue}\"")
-}
-
 /// Every `rabbit_sidecar_*` family name written as a string literal in `src/metrics.rs`: the
 /// contract as the source states it, independent of what the binary happens to register.
 fn families_in_source() -> BTreeSet<String> {

@@ -13,7 +13,10 @@ fn every_flag_and_variable_is_in_the_configuration_table() {
     for key in rabbit_sidecar::config::KEYS {
         let flag = format!("| `--{}` |", key.name);
         let env = format!("`{}`", rabbit_sidecar::config::env_name(key.name));
-        assert!(readme.contains(&flag), "README's configuration table lacks {flag}");
+        assert!(
+            readme.contains(&flag),
+            "README's configuration table lacks {flag}"
+        );
         assert!(readme.contains(&env), "README lacks {env}");
     }
 }
@@ -26,6 +29,9 @@ fn every_metric_family_is_in_the_metrics_table() {
         if name.starts_with("process_") {
             continue;
         }
-        assert!(readme.contains(&format!("| `{name}` |")), "README's metrics table lacks {name}");
+        assert!(
+            readme.contains(&format!("| `{name}` |")),
+            "README's metrics table lacks {name}"
+        );
     }
 }

@@ -56,6 +56,37 @@ where
     }
 }
 
+/// The sidecar flags most tests use: the local broker, a declared classic queue, short backoffs
+/// and probe intervals so faults play out in seconds; `extra` is appended (later flags win).
+pub fn args<'a>(queue: &'a str, app: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![
+        "--amqp-url",
+        AMQP,
+        "--queue",
+        queue,
+        "--target-url",
+        app,
+        "--declare",
+        "--queue-type",
+        "classic",
+        "--retry-backoff",
+        "100ms",
+        "--heartbeat",
+        "2s",
+        "--app-probe-interval",
+        "200ms",
+        "--queue-poll-interval",
+        "500ms",
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
+/// The `queue` label as it appears in a scrape.
+pub fn q(queue: &str) -> String {
+    format!("queue=\"{queue}\"")
+}
+
 // ---------------------------------------------------------------- broker
 
 pub struct Broker {
