@@ -8,7 +8,8 @@ if ! command -v rabbitmqctl >/dev/null 2>&1; then
 fi
 if ! rabbitmqctl -q status >/dev/null 2>&1; then
   echo "starting RabbitMQ"
-  rabbitmq-server -detached
+  # A node that is already booting makes this fail; the wait below covers both cases.
+  rabbitmq-server -detached || true
   # The node needs a moment before rabbitmqctl can reach it at all.
   for _ in $(seq 1 60); do
     rabbitmqctl -q status >/dev/null 2>&1 && break
