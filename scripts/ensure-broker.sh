@@ -18,4 +18,7 @@ if ! rabbitmqctl -q status >/dev/null 2>&1; then
 fi
 rabbitmqctl -q start_app >/dev/null 2>&1 || true
 rabbitmqctl await_startup --timeout 120 >/dev/null
+# The management API is how the sidecar tells active from standby (--management-url); a test
+# covers it. Enabling an enabled plugin is a no-op.
+rabbitmq-plugins enable --quiet rabbitmq_management >/dev/null
 echo "RabbitMQ is up at 127.0.0.1:5672"

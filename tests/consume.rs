@@ -621,3 +621,69 @@ async fn a_down_first_node_fails_over_to_the_second() {
     );
     broker.cleanup().await;
 }
+
+/// With `--management-url`, active/standby comes from the broker's own view of the consumers.
+#[tokio::test]
+async fn management_api_tells_active_from_standby() {
+    let management = "http://guest:guest@127.0.0.1:15672";
+    let reachable = eventually(Duration::from_secs(30), || async {
+        tokio::net::TcpStream::connect("127.0.0.1:15672")
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(
+        reachable,
+        "the management plugin must be enabled (scripts/ensure-broker.sh enables it)"
+    );
+    let broker = Broker::connect().await;
+    let queue = unique("mgmt");
+    broker.track(&queue);
+    let app_a = App::start().await;
+    app_a.set_delay(Duration::from_secs(60));
+    let app_b = App::start().await;
+    let (ua, ub) = (app_a.url(), app_b.url());
+    let extra = [
+        "--single-active-consumer",
+        "--management-url",
+        management,
+        "--queue-poll-interval",
+        "300ms",
+    ];
+    let mut active = Sidecar::spawn(&args(&queue, &ua, &extra));
+    active.wait_ready(Duration::from_secs(20)).await;
+    let standby = Sidecar::spawn(&args(&queue, &ub, &extra));
+    standby.wait_ready(Duration::from_secs(20)).await;
+    let series = format!("rabbit_sidecar_consumer_active{{{}}}", q(&queue));
+    // No traffic at all: only the management API can tell the two apart.
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            active.metric(&series).await == 1.0 && standby.metric(&series).await == 0.0
+        })
+        .await,
+        "active {} standby {}",
+        active.metric(&series).await,
+        standby.metric(&series).await
+    );
+    assert!(
+        standby
+            .get("/status")
+            .await
+            .unwrap()
+            .1
+            .contains("\"standby\"")
+    );
+    assert!(
+        !standby.logs().contains("guest:guest"),
+        "no credentials in logs"
+    );
+    active.kill9().await;
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            standby.metric(&series).await == 1.0
+        })
+        .await,
+        "the standby becomes active"
+    );
+    broker.cleanup().await;
+}
