@@ -78,10 +78,8 @@ pub async fn kill_9_standby(app: &App, kind: QueueKind) -> Result<Timing, String
     app.rec.reset();
     app.rec.track_paths.store(true, Ordering::Relaxed);
     let result = async {
-        let mut active = SidecarProc::spawn(&sidecar_args(&q, &app.url("/active")), &[]);
-        active.wait_ready(Duration::from_secs(20)).await?;
-        let standby = SidecarProc::spawn(&sidecar_args(&q, &app.url("/standby")), &[]);
-        standby.wait_ready(Duration::from_secs(20)).await?;
+        let mut active = SidecarProc::start(&sidecar_args(&q, &app.url("/active")), &[]).await?;
+        let standby = SidecarProc::start(&sidecar_args(&q, &app.url("/standby")), &[]).await?;
         let feeder = Feeder::start(&q, 200.0);
         let warmed =
             rig::eventually(Duration::from_secs(20), || app.rec.hits_on("/active") >= 50).await;
@@ -116,8 +114,7 @@ pub async fn app_restart(app: &mut App, kind: QueueKind) -> Result<Timing, Strin
     app.rec.reset();
     app.rec.track_paths.store(true, Ordering::Relaxed);
     let result = async {
-        let sidecar = SidecarProc::spawn(&sidecar_args(&q, &app.url("/app")), &[]);
-        sidecar.wait_ready(Duration::from_secs(20)).await?;
+        let sidecar = SidecarProc::start(&sidecar_args(&q, &app.url("/app")), &[]).await?;
         let feeder = Feeder::start(&q, 200.0);
         rig::eventually(Duration::from_secs(20), || app.rec.hits_on("/app") >= 50).await;
         app.down();
@@ -161,8 +158,7 @@ pub async fn broker_restart(app: &App, kind: QueueKind, force: bool) -> Result<T
     app.rec.reset();
     app.rec.track_paths.store(true, Ordering::Relaxed);
     let result = async {
-        let sidecar = SidecarProc::spawn(&sidecar_args(&q, &app.url("/brk")), &[]);
-        sidecar.wait_ready(Duration::from_secs(20)).await?;
+        let sidecar = SidecarProc::start(&sidecar_args(&q, &app.url("/brk")), &[]).await?;
         broker.publish_n(&q, 20, 64).await?;
         rig::eventually(Duration::from_secs(20), || app.rec.hits_on("/brk") >= 20).await;
         let sidecar_name = format!("pid {}", sidecar.pid());
@@ -224,8 +220,7 @@ pub async fn sigterm(app: &App, kind: QueueKind) -> Result<Timing, String> {
     broker.declare(&q, kind, false).await;
     app.rec.reset();
     let result = async {
-        let mut sidecar = SidecarProc::spawn(&sidecar_args(&q, &app.url("/term")), &[]);
-        sidecar.wait_ready(Duration::from_secs(20)).await?;
+        let mut sidecar = SidecarProc::start(&sidecar_args(&q, &app.url("/term")), &[]).await?;
         app.set_delay(Duration::from_millis(300));
         broker.publish_n(&q, 64, 64).await?;
         rig::eventually(Duration::from_secs(20), || app.rec.count() >= 16).await;

@@ -4,7 +4,7 @@
 //! ```text
 //! cargo bench --bench sidecar -- [--quick | --full | --soak] [--json FILE]
 //!     [--queue-type quorum|classic] [--messages N] [--broker-restart auto|always|never]
-//!     [--soak-messages N] [--soak-rate PER_SECOND]
+//!     [--repeat ROUNDS] [--soak-messages N] [--soak-rate PER_SECOND]
 //! ```
 //!
 //! Needs RabbitMQ on 127.0.0.1:5672 (guest/guest). Every queue is unique and deleted afterwards;
@@ -59,6 +59,7 @@ struct Opts {
     broker_restart: BrokerRestart,
     soak_messages: usize,
     soak_rate: f64,
+    repeat: usize,
 }
 
 fn parse_args() -> Result<Opts, String> {
@@ -70,6 +71,7 @@ fn parse_args() -> Result<Opts, String> {
         broker_restart: BrokerRestart::Auto,
         soak_messages: 1_000_000,
         soak_rate: 2_000.0,
+        repeat: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -97,6 +99,7 @@ fn parse_args() -> Result<Opts, String> {
                     other => return Err(format!("--broker-restart: {other:?}")),
                 }
             }
+            "--repeat" => o.repeat = value("--repeat")?.parse().map_err(|_| "--repeat")?,
             "--soak-messages" => {
                 o.soak_messages = value("--soak-messages")?
                     .parse()
@@ -110,6 +113,9 @@ fn parse_args() -> Result<Opts, String> {
             other if other.starts_with("--") => return Err(format!("unknown option {other}")),
             _ => {}
         }
+    }
+    if o.repeat == 0 {
+        o.repeat = if o.mode == Mode::Full { 3 } else { 1 };
     }
     Ok(o)
 }
@@ -161,6 +167,8 @@ struct Case {
 struct CaseResult {
     case: Case,
     msgs_per_s: f64,
+    /// Every round's figure; `msgs_per_s` is their median.
+    runs: Vec<f64>,
     latency_ms: HashMap<&'static str, f64>,
     latency_rate: f64,
     cpu_s_per_10k: Option<f64>,
@@ -263,10 +271,15 @@ async fn run_case_on(
             } else {
                 vec![]
             };
-            sidecar = Some(SidecarProc::spawn(
-                &sidecar_args(queue, &ctx.app.url("/sidecar"), concurrency),
-                &env,
-            ));
+            // Ready means consuming: the backlog is already flowing, and the throughput counts
+            // from the first receipt anyway.
+            sidecar = Some(
+                SidecarProc::start(
+                    &sidecar_args(queue, &ctx.app.url("/sidecar"), concurrency),
+                    &env,
+                )
+                .await?,
+            );
         }
     }
 
@@ -342,6 +355,7 @@ async fn run_case_on(
     Ok(CaseResult {
         case: case.clone(),
         msgs_per_s,
+        runs: vec![msgs_per_s],
         latency_ms,
         latency_rate: rate,
         cpu_s_per_10k,
@@ -350,6 +364,20 @@ async fn run_case_on(
         ratio_b1: None,
         ratio_b2: None,
     })
+}
+
+/// The round with the median throughput stands for the case; peak RSS is the highest of all.
+fn median_of(mut rounds: Vec<CaseResult>) -> CaseResult {
+    let runs: Vec<f64> = rounds.iter().map(|r| r.msgs_per_s).collect();
+    let peak = rounds
+        .iter()
+        .filter_map(|r| r.peak_rss_mib)
+        .reduce(f64::max);
+    rounds.sort_by(|a, b| a.msgs_per_s.total_cmp(&b.msgs_per_s));
+    let mut median = rounds.swap_remove(rounds.len() / 2);
+    median.runs = runs;
+    median.peak_rss_mib = peak;
+    median
 }
 
 /// Fills in each result's ratio to baseline 1 (same size) and baseline 2 (same size, concurrency
@@ -482,13 +510,13 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
 fn print_table(results: &[CaseResult]) {
     println!();
     println!(
-        "| consumer | size | app delay | msg/s | ÷ baseline 1 | ÷ baseline 2 | latency p50 / p90 / p99 ms (at msg/s) | CPU s / 10k | peak RSS MiB |"
+        "| consumer | size | app delay | msg/s (min–max) | ÷ baseline 1 | ÷ baseline 2 | latency p50 / p90 / p99 ms (at msg/s) | CPU s / 10k | peak RSS MiB |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for r in results {
         let l = |k| r.latency_ms.get(k).copied();
         println!(
-            "| {} | {} | {} | {:.0} | {} | {} | {} / {} / {} ({:.0}) | {} | {} |",
+            "| {} | {} | {} | {:.0} ({:.0}–{:.0}) | {} | {} | {} / {} / {} ({:.0}) | {} | {} |",
             r.case.consumer.label(),
             if r.case.size >= 1024 {
                 format!("{} KiB", r.case.size / 1024)
@@ -501,6 +529,8 @@ fn print_table(results: &[CaseResult]) {
                 format!("{} ms", r.case.app_delay.as_millis())
             },
             r.msgs_per_s,
+            r.runs.iter().copied().fold(f64::INFINITY, f64::min),
+            r.runs.iter().copied().fold(0.0, f64::max),
             fmt_opt(r.ratio_b1, 2),
             fmt_opt(r.ratio_b2, 2),
             fmt_opt(l("p50"), 1),
@@ -627,6 +657,7 @@ fn case_json(r: &CaseResult) -> Value {
         "app_delay_ms": r.case.app_delay.as_millis() as u64,
         "messages": r.case.messages,
         "msgs_per_s": r.msgs_per_s,
+        "msgs_per_s_rounds": r.runs,
         "ratio_baseline1": r.ratio_b1,
         "ratio_baseline2": r.ratio_b2,
         "latency_ms": r.latency_ms,
@@ -644,8 +675,8 @@ async fn soak(ctx: &Ctx, n: usize, rate: f64) -> Result<Value, String> {
     broker.declare(&queue, ctx.kind, false).await;
     let result = async {
         ctx.app.rec.reset();
-        let sidecar = SidecarProc::spawn(&sidecar_args(&queue, &ctx.app.url("/soak"), 16), &[]);
-        sidecar.wait_ready(Duration::from_secs(20)).await?;
+        let sidecar =
+            SidecarProc::start(&sidecar_args(&queue, &ctx.app.url("/soak"), 16), &[]).await?;
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let (ch, q, s) = (broker.ch.clone(), queue.clone(), stop.clone());
         let publisher =
@@ -734,7 +765,7 @@ async fn run(opts: Opts) -> Result<(), String> {
         app: App::start().await,
         otlp: OtlpReceiver::start().await,
         kind: opts.kind,
-        latency_secs: if opts.mode == Mode::Quick { 2.0 } else { 3.0 },
+        latency_secs: 2.0,
     };
     let mut results = Vec::new();
     let mut failovers = Vec::new();
@@ -756,22 +787,30 @@ async fn run(opts: Opts) -> Result<(), String> {
         );
         soak_result = Some(s);
     } else {
-        for case in cases(opts.mode, opts.messages) {
-            eprintln!(
-                "running {} ({} B, {} messages, app delay {:?})",
-                case.consumer.label(),
-                case.size,
-                case.messages,
-                case.app_delay
-            );
-            let r = run_case(&ctx, &case).await?;
-            eprintln!(
-                "  {:.0} msg/s, p50 {:.1} ms",
-                r.msgs_per_s,
-                r.latency_ms.get("p50").copied().unwrap_or(f64::NAN)
-            );
-            results.push(r);
+        // Rounds run every case in turn, so a burst of noise from elsewhere on the machine hits
+        // one round of many cases rather than every round of one case.
+        let cases = cases(opts.mode, opts.messages);
+        let mut rounds: Vec<Vec<CaseResult>> = vec![Vec::new(); cases.len()];
+        for round in 1..=opts.repeat {
+            for (i, case) in cases.iter().enumerate() {
+                eprintln!(
+                    "round {round}/{}: {} ({} B, {} messages, app delay {:?})",
+                    opts.repeat,
+                    case.consumer.label(),
+                    case.size,
+                    case.messages,
+                    case.app_delay
+                );
+                let r = run_case(&ctx, case).await?;
+                eprintln!(
+                    "  {:.0} msg/s, p50 {:.1} ms",
+                    r.msgs_per_s,
+                    r.latency_ms.get("p50").copied().unwrap_or(f64::NAN)
+                );
+                rounds[i].push(r);
+            }
         }
+        results = rounds.into_iter().map(median_of).collect();
         add_ratios(&mut results);
         eprintln!("failover: kill -9 under single active consumer");
         failovers.push(failover::kill_9_standby(&ctx.app, ctx.kind).await?);
@@ -829,6 +868,7 @@ async fn run(opts: Opts) -> Result<(), String> {
             "queue_type": format!("{:?}", opts.kind).to_lowercase(),
             "prefetch": PREFETCH,
             "machine": machine,
+            "load_average_at_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
             "seconds": elapsed,
             "cases": results.iter().map(case_json).collect::<Vec<_>>(),
             "failover": failovers.iter().map(|t| json!({

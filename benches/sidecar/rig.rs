@@ -541,6 +541,21 @@ impl SidecarProc {
         }
     }
 
+    /// Spawns the sidecar and waits until it is ready. Another process may take the admin port
+    /// between our probe and the sidecar's bind: then it tries again on another port.
+    pub async fn start(args: &[String], env: &[(String, String)]) -> Result<SidecarProc, String> {
+        let mut last = String::new();
+        for _ in 0..3 {
+            let mut s = SidecarProc::spawn(args, env);
+            match s.wait_ready(Duration::from_secs(30)).await {
+                Ok(()) => return Ok(s),
+                Err(e) if s.logs().contains("cannot bind the admin server") => last = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -562,11 +577,17 @@ impl SidecarProc {
     }
 
     /// Waits until `/readyz` answers 200 (consuming, or standing by).
-    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), String> {
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if self.status_of("/readyz").await == Some(200) {
                 return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "the sidecar exited ({status}) before it was ready; its log:\n{}",
+                    self.logs()
+                ));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
