@@ -739,6 +739,19 @@ async fn soak(ctx: &Ctx, n: usize, rate: f64) -> Result<Value, String> {
     result
 }
 
+async fn wait_for_broker(timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(c) = rig::connect().await {
+            let _ = c.close(200, "".into()).await;
+            // A node that just started may still be starting its queues.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let opts = match parse_args() {
@@ -801,7 +814,20 @@ async fn run(opts: Opts) -> Result<(), String> {
                     case.messages,
                     case.app_delay
                 );
-                let r = run_case(&ctx, case).await?;
+                // The broker is shared: another client may restart it mid-case. Such a case is
+                // run again once the broker is back, at most twice.
+                let mut attempt = 0;
+                let r = loop {
+                    attempt += 1;
+                    match run_case(&ctx, case).await {
+                        Ok(r) => break r,
+                        Err(e) if attempt < 3 => {
+                            eprintln!("  failed ({e}); waiting for the broker, then again");
+                            wait_for_broker(Duration::from_secs(120)).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                };
                 eprintln!(
                     "  {:.0} msg/s, p50 {:.1} ms",
                     r.msgs_per_s,
