@@ -9,6 +9,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY examples ./examples
+# Cargo.toml names the benchmark's path; cargo wants it present even when not building it.
+COPY benches ./benches
 RUN cargo build --release --locked --bin rabbit-sidecar --examples
 
 FROM debian:bookworm-slim

@@ -11,3 +11,7 @@ profile=default
 cargo nextest run --profile "$profile" --all-targets -E 'not binary(disruptive)'
 cargo nextest run --profile "$profile" -E 'binary(disruptive)'
 scripts/ensure-broker.sh
+# The benchmark's quick mode proves the benchmark works (its figures come from
+# scripts/bench.sh in release mode); the dev profile reuses the test build.
+cargo bench --profile dev --bench sidecar -- --quick
+scripts/ensure-broker.sh

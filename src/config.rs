@@ -342,7 +342,7 @@ pub const KEYS: &[Key] = &[
     key(
         "reconnect-backoff-max",
         "Cap of the delay between connection attempts",
-        Some("10s"),
+        Some("1s"),
     ),
     key(
         "app-health-url",
