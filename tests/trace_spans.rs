@@ -503,6 +503,8 @@ fn log_inside_a_delivery(format: LogFormat) -> String {
     let table = headers(vec![("traceparent", long(TRACEPARENT))]);
     tracing::dispatcher::with_default(&dispatch, || {
         let trace = MessageTrace::start(&meta(Some(&table)));
+        // As the consumer does: the delivery's work runs inside its process span.
+        let _process = trace.span().enter();
         let call = trace.dispatch_span("POST", &"http://127.0.0.1:1/".parse().unwrap());
         let _guard = call.enter();
         tracing::info!("calling the app");
