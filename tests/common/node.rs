@@ -104,14 +104,23 @@ impl Node {
         node
     }
 
+    /// Waits until the node has booted (at most 90 s); the CLI refuses at once while the VM has
+    /// not registered its name yet, so this asks again until then.
     pub fn await_startup(&self) {
-        let r = self.ctl(&["await_startup", "--timeout", "60"]);
-        assert!(
-            r.is_ok(),
-            "{} did not boot: {r:?}\n{}",
-            self.name,
-            self.console()
-        );
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let r = self.ctl(&["await_startup", "--timeout", "60"]);
+            if r.is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not boot:\n{}\n{r:?}",
+                self.name,
+                self.console()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
     }
 
     pub fn url(&self) -> String {
