@@ -8,6 +8,6 @@ scripts/test-deps.sh
 scripts/ensure-broker.sh
 profile=default
 [ "${CI:-}" = "true" ] && profile=ci
-cargo nextest run --profile "$profile" --all-targets -E 'not binary(disruptive)'
-cargo nextest run --profile "$profile" -E 'binary(disruptive)'
+cargo nextest run --profile "$profile" --all-targets -E 'not binary(/^disruptive/)'
+cargo nextest run --profile "$profile" -E 'binary(/^disruptive/)'
 scripts/ensure-broker.sh
