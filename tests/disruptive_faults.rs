@@ -450,3 +450,158 @@ async fn chaos_classic_every_id_accepted_nothing_unexpected_dead_lettered() {
 async fn chaos_quorum_every_id_accepted_nothing_unexpected_dead_lettered() {
     chaos(true).await;
 }
+
+/// Puts the memory high watermark back (and so clears the alarm), also when the test fails.
+struct WatermarkGuard(String);
+
+impl WatermarkGuard {
+    fn raise_alarm() -> WatermarkGuard {
+        let env = rabbitmqctl(&["environment"]);
+        let original = env
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("{vm_memory_high_watermark,")
+                    .and_then(|v| v.strip_suffix("},").or(v.strip_suffix('}')))
+                    .filter(|v| v.parse::<f64>().is_ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| "0.4".into());
+        let guard = WatermarkGuard(original);
+        rabbitmqctl(&["set_vm_memory_high_watermark", "0.0000001"]);
+        guard
+    }
+}
+
+impl Drop for WatermarkGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["set_vm_memory_high_watermark", &self.0])
+            .output();
+    }
+}
+
+/// (messages, ready) of `queue` as the broker counts them: `messages` includes the unacked.
+fn queue_messages(queue: &str) -> Option<(u64, u64)> {
+    let out = rabbitmqctl(&[
+        "list_queues",
+        "-q",
+        "--no-table-headers",
+        "name",
+        "messages",
+        "messages_ready",
+    ]);
+    out.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() == 3 && f[0] == queue {
+            Some((f[1].parse().ok()?, f[2].parse().ok()?))
+        } else {
+            None
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_alarm_holds_dead_letters_until_it_clears_and_loses_none() {
+    let broker = Broker::connect().await;
+    let queue = unique("alarm");
+    broker.declare(&queue, false, false).await;
+    let ids = broker.publish_n(&queue, 10, "alarm").await;
+    let app = App::start().await;
+    app.answer(|_| 400);
+    let url = app.url();
+
+    let alarm = WatermarkGuard::raise_alarm();
+    let sidecar = Sidecar::spawn(&[
+        "--amqp-url",
+        AMQP,
+        "--queue",
+        &queue,
+        "--target-url",
+        &url,
+        "--heartbeat",
+        "2s",
+        "--retry-backoff",
+        "200ms",
+        "--retry-backoff-max",
+        "1s",
+    ]);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            sidecar.metric("rabbit_sidecar_connection_blocked").await == 1.0
+        })
+        .await,
+        "the sidecar sees the alarm block its publishing; logs:\n{}",
+        tail(&sidecar.logs())
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async { app.count() >= 1 }).await,
+        "a poison message reached the app"
+    );
+    let q = format!("queue=\"{queue}\"");
+    let dead_queue = format!("{queue}.dead-letter");
+    let m = sidecar.metrics().await;
+    assert_eq!(
+        metric_value(
+            &m,
+            &format!("rabbit_sidecar_dead_letters_total{{{q},reason=\"rejected\"}}")
+        ),
+        Some(0.0),
+        "no dead letter is confirmed while publishing is blocked"
+    );
+    assert_eq!(
+        queue_messages(&dead_queue).map(|m| m.0),
+        Some(0),
+        "nothing landed in the dead-letter queue during the alarm"
+    );
+    assert_eq!(
+        queue_messages(&queue).map(|m| m.0),
+        Some(10),
+        "the originals stay in the queue (unacked or requeued) during the alarm"
+    );
+    let status = sidecar.get("/status").await.unwrap().1;
+    assert!(status.contains("\"blocked\": true"), "{status}");
+
+    drop(alarm);
+    assert!(
+        eventually(Duration::from_secs(90), || async {
+            queue_messages(&dead_queue).map(|m| m.0) >= Some(10)
+                && queue_messages(&queue).map(|m| m.0) == Some(0)
+        })
+        .await,
+        "after the alarm the dead letters land; logs:\n{}",
+        tail(&sidecar.logs())
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            sidecar.metric("rabbit_sidecar_connection_blocked").await == 0.0
+        })
+        .await
+    );
+    let m = sidecar.metrics().await;
+    assert!(
+        metric_value(
+            &m,
+            &format!("rabbit_sidecar_dead_letters_total{{{q},reason=\"rejected\"}}")
+        )
+        .unwrap()
+            >= 10.0,
+        "{m}"
+    );
+    let letters: HashSet<String> = broker
+        .drain(&dead_queue)
+        .await
+        .into_iter()
+        .map(|(b, _)| String::from_utf8_lossy(&b).into_owned())
+        .collect();
+    assert_eq!(letters, ids.into_iter().collect::<HashSet<_>>());
+    println!(
+        "alarm: dead-letter publish failures while blocked: {}",
+        metric_value(
+            &m,
+            &format!("rabbit_sidecar_dead_letter_failures_total{{{q}}}")
+        )
+        .unwrap_or(f64::NAN)
+    );
+    broker.cleanup().await;
+}
