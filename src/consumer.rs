@@ -52,6 +52,8 @@ use crate::trace::{DeliveryMeta, MessageTrace};
 
 /// How long a copy may wait for the broker's confirm (a blocked connection waits here).
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an ack or nack may take to be handed to the connection.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One queue consumed on behalf of the app.
 #[derive(Debug)]
@@ -383,36 +385,46 @@ async fn cancel_and_return_unstarted(
     }
 }
 
+/// Sends an ack or nack and waits for lapin to hand it over, at most [`SETTLE_TIMEOUT`]: on a
+/// connection that died meanwhile the promise may never resolve, and lapin answers `Ok(false)`
+/// without sending anything once the channel is closed. Either way the broker has returned the
+/// message to the queue with the connection, so the settlement failed rather than happened.
+async fn settle(
+    shared: &Shared,
+    queue: &str,
+    op: impl std::future::Future<Output = lapin::Result<bool>>,
+) -> bool {
+    let error = match tokio::time::timeout(SETTLE_TIMEOUT, op).await {
+        Ok(Ok(true)) => return true,
+        Ok(Ok(false)) => "the channel closed before the settlement was sent".to_string(),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("not sent within {SETTLE_TIMEOUT:?} (connection gone?)"),
+    };
+    SettleFailed {
+        queue,
+        error: &error,
+    }
+    .emit(&shared.metrics);
+    false
+}
+
 async fn requeue(shared: &Shared, queue: &str, delivery: &Delivery, why: &'static str) {
-    match delivery
-        .acker
-        .nack(BasicNackOptions {
-            requeue: true,
-            multiple: false,
-        })
-        .await
-    {
-        Ok(_) => MessageRequeued { queue, why }.emit(&shared.metrics),
-        Err(e) => SettleFailed {
-            queue,
-            error: &e.to_string(),
-        }
-        .emit(&shared.metrics),
+    let nack = delivery.acker.nack(BasicNackOptions {
+        requeue: true,
+        multiple: false,
+    });
+    if settle(shared, queue, nack).await {
+        MessageRequeued { queue, why }.emit(&shared.metrics);
     }
 }
 
 async fn ack(shared: &Shared, queue: &str, delivery: &Delivery) -> bool {
-    match delivery.acker.ack(BasicAckOptions::default()).await {
-        Ok(_) => true,
-        Err(e) => {
-            SettleFailed {
-                queue,
-                error: &e.to_string(),
-            }
-            .emit(&shared.metrics);
-            false
-        }
-    }
+    settle(
+        shared,
+        queue,
+        delivery.acker.ack(BasicAckOptions::default()),
+    )
+    .await
 }
 
 fn message_age(props: &BasicProperties) -> Option<Duration> {

@@ -59,7 +59,7 @@ pub fn to_http(info: &DeliveryInfo<'_>) -> HeaderMap {
     let content_type = p
         .content_type()
         .as_ref()
-        .and_then(|ct| HeaderValue::from_str(ct.as_str()).ok())
+        .and_then(|ct| header_value(ct.as_str()))
         .unwrap_or(HeaderValue::from_static("application/octet-stream"));
     h.insert(hyper::header::CONTENT_TYPE, content_type);
     let mut put = |name: &'static str, value: Option<&str>| {

@@ -303,7 +303,10 @@ impl Health {
         let stuck_after = self.handler_timeout * 2 + Duration::from_secs(5);
         self.with(|i| {
             for (queue, s) in &i.subs {
-                if s.state != State::Stopped && s.loop_tick.elapsed() > LOOP_STALL {
+                // Only the pump loop ticks: while connecting or paused for the app, a silent
+                // loop is waiting on an outage, which is not a wedge.
+                let pumping = matches!(s.state, State::Consuming | State::Standby);
+                if pumping && s.loop_tick.elapsed() > LOOP_STALL {
                     return Verdict {
                         ok: false,
                         reason: format!("consumer loop for {queue} has not run for {}s", s.loop_tick.elapsed().as_secs()),
@@ -463,6 +466,21 @@ mod tests {
         assert!(!h.readiness().ok);
         h.set_state("q", State::Consuming);
         assert_eq!(h.state("q"), Some(State::Draining));
+    }
+
+    #[test]
+    fn a_long_outage_is_not_a_wedge_but_a_silent_pump_is() {
+        let h = Health::new(&["q"], Duration::from_secs(1));
+        let long_ago = Instant::now() - LOOP_STALL - Duration::from_secs(1);
+        h.with_sub("q", |s| s.loop_tick = long_ago);
+        for waiting in [State::Connecting, State::PausedAppDown] {
+            h.set_state("q", waiting);
+            assert!(h.liveness().ok, "{waiting:?}");
+        }
+        h.set_state("q", State::Consuming);
+        assert!(!h.liveness().ok);
+        h.tick("q");
+        assert!(h.liveness().ok);
     }
 
     #[test]

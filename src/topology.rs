@@ -91,6 +91,15 @@ async fn ensure(
 ) -> Result<(), TopologyError> {
     match declare_on_fresh_channel(connection, name, true, FieldTable::default()).await {
         Ok(()) => return Ok(()),
+        // A non-replicated queue whose node is down (in a cluster, the node this sidecar first
+        // declared it on). It exists, so consuming goes on: copies that cannot reach it are not
+        // confirmed, and their originals are held and requeued until the node is back.
+        Err(e)
+            if reply_code(&e) == Some(404) && e.to_string().contains("is down or inaccessible") =>
+        {
+            tracing::warn!(queue = name, error = %e, "the queue's node is down; consuming anyway, copies to it wait until it is back");
+            return Ok(());
+        }
         Err(e) if reply_code(&e) == Some(404) => {}
         Err(error) => {
             return Err(TopologyError::Broker {

@@ -627,3 +627,6 @@ pub async fn consume_ids(
     let _ = ch.close(200, "".into()).await;
     ids
 }
+
+pub mod node;
+pub mod proxy;
