@@ -226,6 +226,23 @@ pub fn queue_arguments(spec: &QueueSpec) -> FieldTable {
     args
 }
 
+/// The retry queue: expired copies go back to the consumed queue through the default exchange.
+///
+/// A quorum queue with at-least-once dead-lettering, whatever the consumed queue's type: RabbitMQ
+/// dead-letters from classic queues at most once, and a classic retry queue dropped every copy
+/// that fell due while a quorum queue it returns to had no leader yet (a broker restart). With
+/// at-least-once the retry queue keeps a copy until the consumed queue has confirmed it; that
+/// strategy requires `reject-publish` overflow.
+pub fn retry_queue_arguments(queue: &str) -> FieldTable {
+    let mut retry = FieldTable::default();
+    retry.insert("x-queue-type".into(), text("quorum"));
+    retry.insert("x-dead-letter-exchange".into(), text(""));
+    retry.insert("x-dead-letter-routing-key".into(), text(queue));
+    retry.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+    retry.insert("x-overflow".into(), text("reject-publish"));
+    retry
+}
+
 /// Makes sure every queue of `spec` exists.
 pub async fn prepare(connection: &Connection, spec: &QueueSpec) -> Result<(), TopologyError> {
     if spec.declare {
@@ -247,12 +264,12 @@ pub async fn prepare(connection: &Connection, spec: &QueueSpec) -> Result<(), To
             }
         }
     }
-    // Expired copies go back to the consumed queue through the default exchange. A classic queue
-    // either way: it only holds copies for their backoff, and per-message TTL is what it needs.
-    let mut retry = FieldTable::default();
-    retry.insert("x-dead-letter-exchange".into(), text(""));
-    retry.insert("x-dead-letter-routing-key".into(), text(&spec.queue));
-    ensure(connection, &spec.retry_queue, retry).await?;
+    ensure(
+        connection,
+        &spec.retry_queue,
+        retry_queue_arguments(&spec.queue),
+    )
+    .await?;
     let mut dead = FieldTable::default();
     if spec.declare {
         dead.insert("x-queue-type".into(), text(spec.queue_type.as_str()));
