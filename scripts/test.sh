@@ -8,7 +8,7 @@ scripts/test-deps.sh
 scripts/ensure-broker.sh
 profile=default
 [ "${CI:-}" = "true" ] && profile=ci
-cargo nextest run --profile "$profile" --all-targets -E 'not binary(/^disruptive/)'
+cargo nextest run --profile "$profile" -E 'not binary(/^disruptive/)'
 cargo nextest run --profile "$profile" -E 'binary(/^disruptive/)'
 scripts/ensure-broker.sh
 # The benchmark's quick mode proves the benchmark works (its figures come from

@@ -60,6 +60,7 @@ struct Opts {
     soak_messages: usize,
     soak_rate: f64,
     repeat: usize,
+    list_only: bool,
 }
 
 fn parse_args() -> Result<Opts, String> {
@@ -72,11 +73,18 @@ fn parse_args() -> Result<Opts, String> {
         soak_messages: 1_000_000,
         soak_rate: 2_000.0,
         repeat: 0,
+        list_only: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
         match a.as_str() {
+            // `cargo bench` passes --bench (a name filter may follow); test runners that list every
+            // target (`cargo test --all-targets`, nextest) ask with --list: there are no tests here.
+            "--bench" => {}
+            "--list" => {
+                o.list_only = true;
+            }
             "--quick" => o.mode = Mode::Quick,
             "--full" => o.mode = Mode::Full,
             "--soak" => o.mode = Mode::Soak,
@@ -108,8 +116,6 @@ fn parse_args() -> Result<Opts, String> {
             "--soak-rate" => {
                 o.soak_rate = value("--soak-rate")?.parse().map_err(|_| "--soak-rate")?
             }
-            // Cargo passes --bench to harness-less benches; a name filter may follow.
-            "--bench" => {}
             other if other.starts_with("--") => return Err(format!("unknown option {other}")),
             _ => {}
         }
@@ -765,6 +771,9 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(64);
         }
     };
+    if opts.list_only {
+        return std::process::ExitCode::SUCCESS;
+    }
     match run(opts).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
