@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod consumer;
 pub mod dispatch;
+pub mod encode;
 pub mod events;
 pub mod gate;
 pub mod headers;

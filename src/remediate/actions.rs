@@ -18,6 +18,7 @@ use tokio::process::Command;
 
 use super::client::{self, ClientError, Response};
 use super::config::{PodChoice, Target, is_dns1123_subdomain};
+use crate::encode::percent_encode;
 
 /// Extra time on top of Docker's stop timeout for the restart request to complete.
 const DOCKER_SLACK: Duration = Duration::from_secs(30);
@@ -206,18 +207,6 @@ struct Pod {
 #[derive(Deserialize)]
 struct PodMetadata {
     name: String,
-}
-
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 fn expect_success(what: &'static str, response: &Response) -> Result<(), ActionError> {
