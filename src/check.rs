@@ -8,7 +8,7 @@ use lapin::types::FieldTable;
 
 use crate::broker;
 use crate::config::Config;
-use crate::dispatch::Dispatcher;
+use crate::dispatch::Prober;
 
 /// Why the check failed; the binary maps it to an exit code (69, `EX_UNAVAILABLE`).
 #[derive(Debug, thiserror::Error)]
@@ -90,12 +90,10 @@ pub async fn check(config: &Config, report: &mut String) -> Result<(), CheckFail
         .collect();
     targets.dedup();
     for target in targets {
-        let dispatcher = Dispatcher::new(
-            target.clone(),
-            config.max_handler_timeout(),
-            config.app_health_url.clone(),
-        );
-        if dispatcher.prober().probe().await {
+        if Prober::new(target.clone(), config.app_health_url.clone())
+            .probe()
+            .await
+        {
             let _ = writeln!(report, "app {target}: reachable");
         } else {
             let _ = writeln!(report, "app {target}: FAILED: not reachable");

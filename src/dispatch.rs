@@ -43,13 +43,8 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     pub fn new(target: Uri, timeout: Duration, health_url: Option<Uri>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
-        let probe = Prober::new(target.clone(), health_url, client.clone());
+        let client = app_client();
+        let probe = Prober::with_client(target.clone(), health_url, client.clone());
         Dispatcher {
             client,
             target,
@@ -164,6 +159,16 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     single_line(&out)
 }
 
+/// The pooled HTTP/1 client to the app (keep-alive, `TCP_NODELAY`, a short connect timeout).
+fn app_client() -> Client<HttpConnector, Full<Bytes>> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector)
+}
+
 /// Tells whether the app is up: a GET to its health URL answering 2xx, or, without one, a TCP
 /// connection to the target being accepted.
 #[derive(Clone, Debug)]
@@ -174,7 +179,12 @@ pub struct Prober {
 }
 
 impl Prober {
-    fn new(
+    /// A prober with a client of its own, for those that dispatch nothing (the app gate, `check`).
+    pub fn new(target: Uri, health_url: Option<Uri>) -> Self {
+        Self::with_client(target, health_url, app_client())
+    }
+
+    fn with_client(
         target: Uri,
         health_url: Option<Uri>,
         client: Client<HttpConnector, Full<Bytes>>,

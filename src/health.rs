@@ -192,6 +192,11 @@ impl Health {
         });
     }
 
+    /// The tag of the queue's registered consumer, if any.
+    pub fn consumer_tag(&self, queue: &str) -> Option<String> {
+        self.with_sub(queue, |s| s.consumer_tag.clone()).flatten()
+    }
+
     /// The consumer loop calls this every time it turns, and at least every second while idle.
     pub fn tick(&self, queue: &str) {
         self.with_sub(queue, |s| s.loop_tick = Instant::now());

@@ -75,13 +75,14 @@ pub async fn run(
                             None
                         }
                     };
-                    let active = match (&management, health.status().subscriptions.iter().find(|s| &s.queue == q).and_then(|s| s.consumer_tag.clone())) {
-                        (Some(api), Some(tag)) => match api.consumer_active(q, &tag).await {
-                            Some(active) => active,
-                            None => health.infer_active(q, sub.single_active_consumer, consumers, config.queue_poll_interval * 2),
-                        },
-                        _ => health.infer_active(q, sub.single_active_consumer, consumers, config.queue_poll_interval * 2),
+                    // The management API's word when it has one; otherwise the inference rule.
+                    let from_api = match (&management, health.consumer_tag(q)) {
+                        (Some(api), Some(tag)) => api.consumer_active(q, &tag).await,
+                        _ => None,
                     };
+                    let active = from_api.unwrap_or_else(|| {
+                        health.infer_active(q, sub.single_active_consumer, consumers, config.queue_poll_interval * 2)
+                    });
                     metrics.consumer_active.with_label_values(&[q]).set(i64::from(active));
                     match health.state(q) {
                         Some(State::Consuming) if !active => health.set_state(q, State::Standby),

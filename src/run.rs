@@ -13,7 +13,7 @@ use crate::admin::{self, Admin};
 use crate::broker;
 use crate::config::Config;
 use crate::consumer::{self, Shared, Subscription};
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, Prober};
 use crate::gate::AppGate;
 use crate::health::{Health, State};
 use crate::metrics::Metrics;
@@ -74,13 +74,7 @@ pub async fn run(
     ));
 
     // One gate for the app: every subscription that hands messages to it pauses together.
-    let prober = Dispatcher::new(
-        config.target_url.clone(),
-        config.max_handler_timeout(),
-        config.app_health_url.clone(),
-    )
-    .prober()
-    .clone();
+    let prober = Prober::new(config.target_url.clone(), config.app_health_url.clone());
     let shared = Shared {
         metrics: metrics.clone(),
         health: health.clone(),
