@@ -346,7 +346,6 @@ async fn pump(
             _ = tick.tick() => shared.health.tick(sub.queue()),
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    shared.health.tick(sub.queue());
                     let (sub, shared2, session, publisher) = (sub.clone(), shared.clone(), session.clone(), publisher.clone());
                     // The task keeps the consuming channel open until its message is settled:
                     // dropping the last handle would close it and requeue the message.
@@ -438,9 +437,12 @@ async fn handle(
     shared: Shared,
     session: Arc<Session>,
     publisher: Arc<Channel>,
-    delivery: Delivery,
+    mut delivery: Delivery,
 ) {
     let queue = sub.queue();
+    // The body is handed to the app and, for a retry or dead letter, to the broker again: take
+    // it out of the delivery once and share it rather than copy it per use.
+    let body = Bytes::from(std::mem::take(&mut delivery.data));
     let id = sub.next_id.fetch_add(1, Ordering::Relaxed);
     let msg_headers = delivery.properties.headers().as_ref();
     let prior = headers::prior_attempts(msg_headers);
@@ -469,7 +471,7 @@ async fn handle(
             .correlation_id()
             .as_ref()
             .map(|s| s.as_str()),
-        body_size: delivery.data.len(),
+        body_size: body.len(),
         server_address: &session.host,
         server_port: session.port,
         headers: msg_headers,
@@ -478,11 +480,32 @@ async fn handle(
     // Everything logged while the message is handled carries its trace id.
     let span = trace.span().clone();
     let settled_by_ack = tracing::Instrument::instrument(
-        process(&sub, &shared, &publisher, &delivery, id, attempt, &trace),
+        process(
+            &sub,
+            &shared,
+            &publisher,
+            InHand {
+                delivery: &delivery,
+                body: &body,
+                id,
+                attempt,
+                trace: &trace,
+            },
+        ),
         span,
     )
     .await;
     shared.health.settled(queue, id, settled_by_ack);
+}
+
+/// A delivery in the sidecar's hands, with what `handle` worked out about it.
+struct InHand<'a> {
+    delivery: &'a Delivery,
+    body: &'a Bytes,
+    /// The in-flight id health tracks it by.
+    id: u64,
+    attempt: u32,
+    trace: &'a MessageTrace,
 }
 
 /// Takes the message through slot, dispatch, decision and settlement. Returns whether it was
@@ -491,18 +514,22 @@ async fn process(
     sub: &Subscription,
     shared: &Shared,
     publisher: &Channel,
-    delivery: &Delivery,
-    id: u64,
-    attempt: u32,
-    trace: &MessageTrace,
+    message: InHand<'_>,
 ) -> bool {
+    let InHand {
+        delivery,
+        body,
+        id,
+        attempt,
+        trace,
+    } = message;
     let queue = sub.queue();
     if policy::exhausted_on_arrival(attempt, &sub.limits) {
         let reason = DeadLetterReason::MaxDeliveries;
         trace.record_decision("dead_letter");
         let detail = "delivered more often than --max-deliveries without a decision (consumers died holding it)";
         return dead_letter(
-            sub, shared, publisher, delivery, attempt, reason, None, detail, trace,
+            sub, shared, publisher, delivery, body, attempt, reason, None, detail, trace,
         )
         .await;
     }
@@ -535,11 +562,10 @@ async fn process(
     });
     let client_span = trace.dispatch_span("POST", sub.dispatcher.target());
     trace.inject_http(&client_span, &mut http_headers);
-    let body = Bytes::copy_from_slice(&delivery.data);
 
     shared.health.dispatch_started(queue, id);
     let answer = tokio::select! {
-        a = tracing::Instrument::instrument(sub.dispatcher.dispatch(body, http_headers), client_span.clone()) => a,
+        a = tracing::Instrument::instrument(sub.dispatcher.dispatch(body.clone(), http_headers), client_span.clone()) => a,
         _ = shared.hard_stop.cancelled() => {
             trace.record_decision("requeue");
             requeue(shared, queue, delivery, "shutdown deadline reached").await;
@@ -608,6 +634,7 @@ async fn process(
                 shared,
                 publisher,
                 delivery,
+                body,
                 attempt,
                 reason,
                 answer.outcome.status(),
@@ -628,6 +655,7 @@ async fn process(
                 publisher,
                 &sub.spec.retry_queue,
                 delivery,
+                body,
                 extra,
                 Some(delay),
             )
@@ -689,6 +717,7 @@ async fn dead_letter(
     shared: &Shared,
     publisher: &Channel,
     delivery: &Delivery,
+    body: &[u8],
     attempt: u32,
     reason: DeadLetterReason,
     status: Option<u16>,
@@ -723,6 +752,7 @@ async fn dead_letter(
         publisher,
         &sub.spec.dead_letter_queue,
         delivery,
+        body,
         extra,
         None,
     )
@@ -764,23 +794,27 @@ async fn hold_then_requeue(sub: &Subscription, shared: &Shared, delivery: &Deliv
     requeue(shared, sub.queue(), delivery, "copy not confirmed").await;
 }
 
-/// Publishes a copy of `delivery` to `queue` (default exchange, mandatory, persistent) with the
-/// original properties and headers plus `extra`, and waits for the broker's confirm.
+/// Publishes a copy of `delivery` (its `body`) to `queue` (default exchange, mandatory,
+/// persistent) with the original properties and headers plus `extra`, and waits for the broker's
+/// confirm.
 async fn republish(
     publisher: &Channel,
     queue: &str,
     delivery: &Delivery,
+    body: &[u8],
     extra: FieldTable,
     expiration: Option<Duration>,
 ) -> Result<(), String> {
-    let mut table = delivery.properties.headers().clone().unwrap_or_default();
+    let mut fields = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .map(|t| t.inner().clone())
+        .unwrap_or_default();
     // The copy is a new message: the broker counts its deliveries afresh.
-    let mut inner = table.inner().clone();
-    inner.remove(&ShortString::from(headers::DELIVERY_COUNT));
-    table = FieldTable::from(inner);
-    for (k, v) in extra.inner() {
-        table.insert(k.clone(), v.clone());
-    }
+    fields.remove(&ShortString::from(headers::DELIVERY_COUNT));
+    fields.extend(extra.inner().iter().map(|(k, v)| (k.clone(), v.clone())));
+    let table = FieldTable::from(fields);
     let props = strip_expiration(delivery.properties.clone())
         .with_headers(table)
         .with_delivery_mode(2);
@@ -797,7 +831,7 @@ async fn republish(
                     mandatory: true,
                     ..BasicPublishOptions::default()
                 },
-                &delivery.data,
+                body,
                 props,
             )
             .await?
