@@ -157,13 +157,13 @@ async fn hangs_resets_slow_answers_and_huge_bodies_each_keep_the_promise() {
     );
     let q = format!("queue=\"{queue}\"");
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            sidecar
-                .metric(&format!("rabbit_sidecar_acks_total{{{q}}}"))
-                .await
-                == 9.0
-        })
-        .await,
+        sidecar
+            .wait_metric(
+                &format!("rabbit_sidecar_acks_total{{{q}}}"),
+                9.0,
+                Duration::from_secs(30)
+            )
+            .await,
         "ok-*, slow-*, huge-* acked; {}",
         sidecar.metrics().await
     );

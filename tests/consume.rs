@@ -39,13 +39,13 @@ async fn acks_on_2xx_and_maps_headers() {
     assert_eq!(r.header("x-amqp-queue"), Some(queue.as_str()));
     assert!(r.header("x-amqp-message-id").unwrap().starts_with("m-"));
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            sidecar
-                .metric(&format!("rabbit_sidecar_acks_total{{{}}}", q(&queue)))
-                .await
-                == 50.0
-        })
-        .await
+        sidecar
+            .wait_metric(
+                &format!("rabbit_sidecar_acks_total{{{}}}", q(&queue)),
+                50.0,
+                Duration::from_secs(5)
+            )
+            .await
     );
     let m = sidecar.metrics().await;
     assert_eq!(
@@ -125,16 +125,16 @@ async fn a_400_is_dead_lettered_at_once_with_reasons() {
         "no retry of a 4xx"
     );
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            sidecar
-                .metric(&format!(
+        sidecar
+            .wait_metric(
+                &format!(
                     "rabbit_sidecar_dead_letters_total{{{},reason=\"rejected\"}}",
                     q(&queue)
-                ))
-                .await
-                == 1.0
-        })
-        .await
+                ),
+                1.0,
+                Duration::from_secs(5)
+            )
+            .await
     );
     broker.cleanup().await;
 }
@@ -377,16 +377,13 @@ async fn kill_9_hands_unacked_messages_to_another_sidecar() {
     first.wait_ready(Duration::from_secs(20)).await;
     let ids = broker.publish_n(&queue, 10, "k").await;
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            first
-                .metric(&format!(
-                    "rabbit_sidecar_in_flight_messages{{{}}}",
-                    q(&queue)
-                ))
-                .await
-                == 10.0
-        })
-        .await
+        first
+            .wait_metric(
+                &format!("rabbit_sidecar_in_flight_messages{{{}}}", q(&queue)),
+                10.0,
+                Duration::from_secs(10)
+            )
+            .await
     );
     let fast = App::start().await;
     let fast_url = fast.url();
@@ -407,16 +404,13 @@ async fn kill_9_hands_unacked_messages_to_another_sidecar() {
             .all(|r| r.header("x-amqp-redelivered") == Some("true"))
     );
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            second
-                .metric(&format!(
-                    "rabbit_sidecar_redeliveries_total{{{}}}",
-                    q(&queue)
-                ))
-                .await
-                == 10.0
-        })
-        .await
+        second
+            .wait_metric(
+                &format!("rabbit_sidecar_redeliveries_total{{{}}}", q(&queue)),
+                10.0,
+                Duration::from_secs(5)
+            )
+            .await
     );
     broker.cleanup().await;
 }
@@ -482,13 +476,13 @@ async fn single_active_consumer_standby_takes_over_after_kill_9() {
     let got: HashSet<String> = app_b.ids().into_iter().collect();
     assert_eq!(got, ids.into_iter().collect());
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            standby
-                .metric(&format!("rabbit_sidecar_consumer_active{{{}}}", q(&queue)))
-                .await
-                == 1.0
-        })
-        .await
+        standby
+            .wait_metric(
+                &format!("rabbit_sidecar_consumer_active{{{}}}", q(&queue)),
+                1.0,
+                Duration::from_secs(10)
+            )
+            .await
     );
     broker.cleanup().await;
 }
@@ -562,16 +556,13 @@ async fn sigterm_grace_deadline_returns_unfinished_messages() {
     sidecar.wait_ready(Duration::from_secs(20)).await;
     broker.publish_n(&queue, 3, "g").await;
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            sidecar
-                .metric(&format!(
-                    "rabbit_sidecar_in_flight_messages{{{}}}",
-                    q(&queue)
-                ))
-                .await
-                == 3.0
-        })
-        .await
+        sidecar
+            .wait_metric(
+                &format!("rabbit_sidecar_in_flight_messages{{{}}}", q(&queue)),
+                3.0,
+                Duration::from_secs(10)
+            )
+            .await
     );
     sidecar.signal("TERM");
     let status = sidecar
@@ -679,10 +670,9 @@ async fn management_api_tells_active_from_standby() {
     );
     active.kill9().await;
     assert!(
-        eventually(Duration::from_secs(15), || async {
-            standby.metric(&series).await == 1.0
-        })
-        .await,
+        standby
+            .wait_metric(&series, 1.0, Duration::from_secs(15))
+            .await,
         "the standby becomes active"
     );
     broker.cleanup().await;

@@ -53,10 +53,9 @@ async fn broker_restart(quorum: bool) {
     let guard = RestartGuard;
     rabbitmqctl(&["stop_app"]);
     assert!(
-        eventually(Duration::from_secs(15), || async {
-            sidecar.metric("rabbit_sidecar_connection_up").await == 0.0
-        })
-        .await,
+        sidecar
+            .wait_metric("rabbit_sidecar_connection_up", 0.0, Duration::from_secs(15))
+            .await,
         "the loss is noticed"
     );
     let (status, reason) = sidecar.get("/readyz").await.unwrap();

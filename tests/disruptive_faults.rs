@@ -529,10 +529,13 @@ async fn a_memory_alarm_holds_dead_letters_until_it_clears_and_loses_none() {
         "1s",
     ]);
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            sidecar.metric("rabbit_sidecar_connection_blocked").await == 1.0
-        })
-        .await,
+        sidecar
+            .wait_metric(
+                "rabbit_sidecar_connection_blocked",
+                1.0,
+                Duration::from_secs(30)
+            )
+            .await,
         "the sidecar sees the alarm block its publishing; logs:\n{}",
         tail(&sidecar.logs())
     );
@@ -575,10 +578,13 @@ async fn a_memory_alarm_holds_dead_letters_until_it_clears_and_loses_none() {
         tail(&sidecar.logs())
     );
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            sidecar.metric("rabbit_sidecar_connection_blocked").await == 0.0
-        })
-        .await
+        sidecar
+            .wait_metric(
+                "rabbit_sidecar_connection_blocked",
+                0.0,
+                Duration::from_secs(10)
+            )
+            .await
     );
     let m = sidecar.metrics().await;
     assert!(

@@ -341,16 +341,13 @@ async fn probes_answer_in_milliseconds_while_every_slot_is_taken() {
     sidecar.wait_ready(Duration::from_secs(20)).await;
     broker.publish_n(&queue, 20, "s").await;
     assert!(
-        eventually(Duration::from_secs(15), || async {
-            sidecar
-                .metric(&format!(
-                    "rabbit_sidecar_in_flight_messages{{{}}}",
-                    q(&queue)
-                ))
-                .await
-                == 8.0
-        })
-        .await,
+        sidecar
+            .wait_metric(
+                &format!("rabbit_sidecar_in_flight_messages{{{}}}", q(&queue)),
+                8.0,
+                Duration::from_secs(15)
+            )
+            .await,
         "prefetch filled; metrics:\n{}",
         sidecar.metrics().await
     );
@@ -548,10 +545,9 @@ async fn a_message_near_the_delivery_ack_timeout_is_warned_about_once() {
     assert_eq!(sidecar.metric(&warnings).await, 0.0);
     broker.publish(&queue, b"slow", Default::default()).await;
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            sidecar.metric(&warnings).await == 1.0
-        })
-        .await,
+        sidecar
+            .wait_metric(&warnings, 1.0, Duration::from_secs(10))
+            .await,
         "warned at 80% of 2s; logs:\n{}",
         sidecar.logs()
     );
@@ -627,13 +623,13 @@ async fn status_has_its_documented_shape_and_no_secret_leaks_anywhere() {
 
     broker.publish_n(&queue, 3, "st").await;
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            sidecar
-                .metric(&format!("rabbit_sidecar_acks_total{{{}}}", q(&queue)))
-                .await
-                == 3.0
-        })
-        .await
+        sidecar
+            .wait_metric(
+                &format!("rabbit_sidecar_acks_total{{{}}}", q(&queue)),
+                3.0,
+                Duration::from_secs(10)
+            )
+            .await
     );
     let (status, body) = sidecar.get("/status").await.unwrap();
     assert_eq!(status, 200);
@@ -741,13 +737,13 @@ async fn the_admin_server_refuses_bad_requests_and_keeps_serving() {
     sidecar.wait_ready(Duration::from_secs(20)).await;
     // Let the queue poll report this consumer before taking the baseline.
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            sidecar
-                .metric(&format!("rabbit_sidecar_queue_consumers{{{}}}", q(&queue)))
-                .await
-                == 1.0
-        })
-        .await
+        sidecar
+            .wait_metric(
+                &format!("rabbit_sidecar_queue_consumers{{{}}}", q(&queue)),
+                1.0,
+                Duration::from_secs(10)
+            )
+            .await
     );
     let before = sidecar_samples(&sidecar.metrics().await);
     let admin = sidecar.admin;
@@ -865,13 +861,13 @@ async fn message_age_is_observed_only_for_messages_with_a_timestamp() {
         .await;
     broker.publish(&queue, b"untimed", Default::default()).await;
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            sidecar
-                .metric(&format!("rabbit_sidecar_acks_total{{{ql}}}"))
-                .await
-                == 2.0
-        })
-        .await
+        sidecar
+            .wait_metric(
+                &format!("rabbit_sidecar_acks_total{{{ql}}}"),
+                2.0,
+                Duration::from_secs(10)
+            )
+            .await
     );
     let m = sidecar.metrics().await;
     assert_eq!(

@@ -195,13 +195,7 @@ path = "/payments"
         .await
     );
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            sidecar
-                .metric(&format!("rabbit_sidecar_consumer_cancellations_total{{queue=\"{orders}\",reason=\"broker\"}}"))
-                .await
-                == 1.0
-        })
-        .await
+        sidecar.wait_metric(&format!("rabbit_sidecar_consumer_cancellations_total{{queue=\"{orders}\",reason=\"broker\"}}"), 1.0, Duration::from_secs(10)).await
     );
     assert!(
         eventually(Duration::from_secs(20), || async {

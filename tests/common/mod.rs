@@ -549,6 +549,11 @@ impl Sidecar {
         metric_value(&self.metrics().await, series).unwrap_or(f64::NAN)
     }
 
+    /// Polls `/metrics` until `series` equals `want`, at most `timeout`; whether it did.
+    pub async fn wait_metric(&self, series: &str, want: f64, timeout: Duration) -> bool {
+        eventually(timeout, || async { self.metric(series).await == want }).await
+    }
+
     pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
             .args([&format!("-{sig}"), &self.pid().to_string()])
