@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::{debug, error, info, warn};
 
-use crate::metrics::{CancelReason, LossReason, Metrics};
+use crate::metrics::{CancelReason, LossReason, Metrics, QueueSeries};
 use crate::policy::{DeadLetterReason, RetryReason};
 
 /// Something that happened, logged and counted in one step.
@@ -146,6 +146,7 @@ impl Event for ConsumerStopped<'_> {
 
 pub struct MessageReceived<'a> {
     pub queue: &'a str,
+    pub series: &'a QueueSeries,
     pub redelivered: bool,
     pub attempt: u32,
     /// From the message's timestamp property, when present.
@@ -153,18 +154,15 @@ pub struct MessageReceived<'a> {
 }
 
 impl Event for MessageReceived<'_> {
-    fn emit(self, m: &Metrics) {
-        m.deliveries.with_label_values(&[self.queue]).inc();
+    fn emit(self, _: &Metrics) {
+        let s = self.series;
+        s.deliveries.inc();
         if self.redelivered {
-            m.redeliveries.with_label_values(&[self.queue]).inc();
+            s.redeliveries.inc();
         }
-        m.last_delivery
-            .with_label_values(&[self.queue])
-            .set(now_seconds());
+        s.last_delivery.set(now_seconds());
         if let Some(age) = self.age {
-            m.message_age
-                .with_label_values(&[self.queue])
-                .observe(age.as_secs_f64());
+            s.message_age.observe(age.as_secs_f64());
         }
         debug!(
             queue = self.queue,
@@ -177,6 +175,7 @@ impl Event for MessageReceived<'_> {
 
 pub struct HandlerAnswered<'a> {
     pub queue: &'a str,
+    pub series: &'a QueueSeries,
     /// One of [`crate::metrics::HANDLER_OUTCOMES`].
     pub outcome: &'static str,
     pub elapsed: Duration,
@@ -186,9 +185,13 @@ pub struct HandlerAnswered<'a> {
 
 impl Event for HandlerAnswered<'_> {
     fn emit(self, m: &Metrics) {
-        m.handler_duration
-            .with_label_values(&[self.queue, self.outcome])
-            .observe(self.elapsed.as_secs_f64());
+        match self.series.handler_duration(self.outcome) {
+            Some(h) => h.observe(self.elapsed.as_secs_f64()),
+            None => m
+                .handler_duration
+                .with_label_values(&[self.queue, self.outcome])
+                .observe(self.elapsed.as_secs_f64()),
+        }
         debug!(
             queue = self.queue,
             outcome = self.outcome,
@@ -202,18 +205,16 @@ impl Event for HandlerAnswered<'_> {
 
 pub struct MessageAcked<'a> {
     pub queue: &'a str,
+    pub series: &'a QueueSeries,
     pub attempt: u32,
 }
 
 impl Event for MessageAcked<'_> {
-    fn emit(self, m: &Metrics) {
-        m.acks.with_label_values(&[self.queue]).inc();
-        m.last_ack
-            .with_label_values(&[self.queue])
-            .set(now_seconds());
-        m.delivery_attempts
-            .with_label_values(&[self.queue])
-            .observe(f64::from(self.attempt));
+    fn emit(self, _: &Metrics) {
+        let s = self.series;
+        s.acks.inc();
+        s.last_ack.set(now_seconds());
+        s.delivery_attempts.observe(f64::from(self.attempt));
         debug!(queue = self.queue, attempt = self.attempt, "acked");
     }
 }

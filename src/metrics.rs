@@ -5,8 +5,8 @@
 //! Nothing outside [`crate::events`] and the health/status collectors writes to these.
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::policy::{DeadLetterReason, RetryReason};
@@ -77,6 +77,31 @@ impl CancelReason {
 
 /// The `outcome` label values of `rabbit_sidecar_handler_duration_seconds`.
 pub const HANDLER_OUTCOMES: [&str; 5] = ["ack", "retry", "dead_letter", "timeout", "unreachable"];
+
+/// One queue's per-message series, resolved once per consumer session: a lookup by label
+/// values hashes them and takes a lock, several times per message otherwise.
+#[derive(Clone, Debug)]
+pub struct QueueSeries {
+    pub deliveries: IntCounter,
+    pub redeliveries: IntCounter,
+    pub last_delivery: Gauge,
+    pub message_age: Histogram,
+    pub acks: IntCounter,
+    pub last_ack: Gauge,
+    pub delivery_attempts: Histogram,
+    /// In the order of [`HANDLER_OUTCOMES`].
+    handler_duration: [Histogram; HANDLER_OUTCOMES.len()],
+}
+
+impl QueueSeries {
+    /// The handler latency series of `outcome`, one of [`HANDLER_OUTCOMES`].
+    pub fn handler_duration(&self, outcome: &str) -> Option<&Histogram> {
+        HANDLER_OUTCOMES
+            .iter()
+            .position(|o| *o == outcome)
+            .map(|i| &self.handler_duration[i])
+    }
+}
 
 /// Every metric family, registered in its own registry.
 #[derive(Clone, Debug)]
@@ -378,6 +403,21 @@ impl Metrics {
         }
         self.delivery_attempts.with_label_values(&[queue]);
         self.message_age.with_label_values(&[queue]);
+    }
+
+    /// The series of `queue` that move on every message, looked up once.
+    pub fn queue_series(&self, queue: &str) -> QueueSeries {
+        QueueSeries {
+            deliveries: self.deliveries.with_label_values(&[queue]),
+            redeliveries: self.redeliveries.with_label_values(&[queue]),
+            last_delivery: self.last_delivery.with_label_values(&[queue]),
+            message_age: self.message_age.with_label_values(&[queue]),
+            acks: self.acks.with_label_values(&[queue]),
+            last_ack: self.last_ack.with_label_values(&[queue]),
+            delivery_attempts: self.delivery_attempts.with_label_values(&[queue]),
+            handler_duration: HANDLER_OUTCOMES
+                .map(|o| self.handler_duration.with_label_values(&[queue, o])),
+        }
     }
 
     pub fn registry(&self) -> &Registry {
