@@ -52,64 +52,89 @@ pub struct DeliveryInfo<'a> {
     pub properties: &'a BasicProperties,
 }
 
+/// The names of the headers [`to_http`] writes, built at compile time.
+mod name {
+    use hyper::header::HeaderName;
+    pub const MESSAGE_ID: HeaderName = HeaderName::from_static("x-amqp-message-id");
+    pub const CORRELATION_ID: HeaderName = HeaderName::from_static("x-amqp-correlation-id");
+    pub const REPLY_TO: HeaderName = HeaderName::from_static("x-amqp-reply-to");
+    pub const TYPE: HeaderName = HeaderName::from_static("x-amqp-type");
+    pub const APP_ID: HeaderName = HeaderName::from_static("x-amqp-app-id");
+    pub const USER_ID: HeaderName = HeaderName::from_static("x-amqp-user-id");
+    pub const TIMESTAMP: HeaderName = HeaderName::from_static("x-amqp-timestamp");
+    pub const PRIORITY: HeaderName = HeaderName::from_static("x-amqp-priority");
+    pub const EXCHANGE: HeaderName = HeaderName::from_static("x-amqp-exchange");
+    pub const ROUTING_KEY: HeaderName = HeaderName::from_static("x-amqp-routing-key");
+    pub const QUEUE: HeaderName = HeaderName::from_static("x-amqp-queue");
+    pub const REDELIVERED: HeaderName = HeaderName::from_static("x-amqp-redelivered");
+    pub const ATTEMPT: HeaderName = HeaderName::from_static("x-amqp-attempt");
+}
+
+/// The prefix of a user header's HTTP name.
+const USER_HEADER_PREFIX: &str = "x-amqp-header-";
+
 /// Builds the HTTP headers for a delivery. Never fails: what cannot be mapped is left out.
 pub fn to_http(info: &DeliveryInfo<'_>) -> HeaderMap {
-    let mut h = HeaderMap::new();
     let p = info.properties;
+    let user_headers = p.headers().as_ref().map_or(0, |t| t.inner().len());
+    // Sized once: growing a HeaderMap rehashes it.
+    let mut h = HeaderMap::with_capacity(14 + user_headers);
     let content_type = p
         .content_type()
         .as_ref()
         .and_then(|ct| header_value(ct.as_str()))
         .unwrap_or(HeaderValue::from_static("application/octet-stream"));
     h.insert(hyper::header::CONTENT_TYPE, content_type);
-    let mut put = |name: &'static str, value: Option<&str>| {
+    let mut put = |name: HeaderName, value: Option<&str>| {
         if let Some(v) = value.and_then(header_value) {
-            h.insert(HeaderName::from_static(name), v);
+            h.insert(name, v);
         }
     };
     put(
-        "content-encoding",
+        hyper::header::CONTENT_ENCODING,
         p.content_encoding().as_ref().map(|s| s.as_str()),
     );
     put(
-        "x-amqp-message-id",
+        name::MESSAGE_ID,
         p.message_id().as_ref().map(|s| s.as_str()),
     );
     put(
-        "x-amqp-correlation-id",
+        name::CORRELATION_ID,
         p.correlation_id().as_ref().map(|s| s.as_str()),
     );
-    put("x-amqp-reply-to", p.reply_to().as_ref().map(|s| s.as_str()));
-    put("x-amqp-type", p.kind().as_ref().map(|s| s.as_str()));
-    put("x-amqp-app-id", p.app_id().as_ref().map(|s| s.as_str()));
-    put("x-amqp-user-id", p.user_id().as_ref().map(|s| s.as_str()));
-    put(
-        "x-amqp-timestamp",
-        p.timestamp().map(|t| t.to_string()).as_deref(),
+    put(name::REPLY_TO, p.reply_to().as_ref().map(|s| s.as_str()));
+    put(name::TYPE, p.kind().as_ref().map(|s| s.as_str()));
+    put(name::APP_ID, p.app_id().as_ref().map(|s| s.as_str()));
+    put(name::USER_ID, p.user_id().as_ref().map(|s| s.as_str()));
+    put(name::EXCHANGE, Some(info.exchange));
+    put(name::ROUTING_KEY, Some(info.routing_key));
+    put(name::QUEUE, Some(info.queue));
+    // Numbers and flags need no validation.
+    if let Some(t) = p.timestamp() {
+        h.insert(name::TIMESTAMP, HeaderValue::from(*t));
+    }
+    if let Some(v) = p.priority() {
+        h.insert(name::PRIORITY, HeaderValue::from(u16::from(*v)));
+    }
+    h.insert(
+        name::REDELIVERED,
+        HeaderValue::from_static(if info.redelivered { "true" } else { "false" }),
     );
-    put(
-        "x-amqp-priority",
-        p.priority().map(|t| t.to_string()).as_deref(),
-    );
-    put("x-amqp-exchange", Some(info.exchange));
-    put("x-amqp-routing-key", Some(info.routing_key));
-    put("x-amqp-queue", Some(info.queue));
-    put(
-        "x-amqp-redelivered",
-        Some(if info.redelivered { "true" } else { "false" }),
-    );
-    put("x-amqp-attempt", Some(&info.attempt.to_string()));
+    h.insert(name::ATTEMPT, HeaderValue::from(info.attempt));
     if let Some(table) = p.headers() {
-        for (name, value) in table.inner() {
-            let name = name.as_str();
-            if name.is_empty()
-                || name.eq_ignore_ascii_case("traceparent")
-                || name.eq_ignore_ascii_case("tracestate")
+        let mut full = String::new();
+        for (key, value) in table.inner() {
+            let key = key.as_str();
+            if key.is_empty()
+                || key.eq_ignore_ascii_case("traceparent")
+                || key.eq_ignore_ascii_case("tracestate")
             {
                 continue;
             }
-            let Ok(header) = HeaderName::from_bytes(format!("x-amqp-header-{name}").as_bytes())
-            else {
+            full.clear();
+            full.push_str(USER_HEADER_PREFIX);
+            full.push_str(key);
+            let Ok(header) = HeaderName::from_bytes(full.as_bytes()) else {
                 continue;
             };
             if let Some(v) = scalar_text(value).as_deref().and_then(header_value) {
