@@ -260,12 +260,16 @@ pub fn otel_layer<S>(tracer: SdkTracer) -> impl Layer<S> + Send + Sync
 where
     S: Subscriber + for<'span> LookupSpan<'span> + Send + Sync,
 {
+    crate::trace::note_otel_layer();
     tracing_opentelemetry::layer()
         .with_tracer(tracer)
         // busy/idle times per span are noise for a one-request span and cost a clock read each
-        // enter and exit.
+        // enter and exit; thread ids say nothing about a message.
         .with_tracked_inactivity(false)
         .with_threads(false)
+        // code.filepath/lineno/namespace would name the sidecar's own source lines: nothing an
+        // operator acts on, and three more attributes to build and export per span.
+        .with_location(false)
         .with_filter(Targets::new().with_target(env!("CARGO_CRATE_NAME"), tracing::Level::INFO))
 }
 

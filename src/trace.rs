@@ -36,6 +36,7 @@
 //! the producer's trace still continues through the app.
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use opentelemetry::trace::{
@@ -48,6 +49,18 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 const TRACEPARENT: &str = "traceparent";
 const TRACESTATE: &str = "tracestate";
 const DECISION_KEY: &str = "rabbit_sidecar.decision";
+
+/// Set once an OpenTelemetry layer has been built in this process (see
+/// [`crate::telemetry::otel_layer`]). Until then nothing can take the OpenTelemetry attributes
+/// of a process span, so [`MessageTrace::start`] opens a lean span with only what a log line
+/// shows: formatting the others for the log layer was a measurable share of the per-message
+/// cost. Once set it stays set; a span that finds no layer still reports `exporting == false`.
+static OTEL_LAYER_BUILT: AtomicBool = AtomicBool::new(false);
+
+/// Called by whatever builds an OpenTelemetry layer, before it is installed.
+pub(crate) fn note_otel_layer() {
+    OTEL_LAYER_BUILT.store(true, Ordering::Relaxed);
+}
 
 /// What the consumer loop knows about a delivery, borrowed for the span's attributes.
 #[derive(Debug, Clone, Copy)]
@@ -79,19 +92,32 @@ pub struct MessageTrace {
 impl MessageTrace {
     /// Opens the CONSUMER span for a delivery, parented on the producer's context if any.
     pub fn start(meta: &DeliveryMeta<'_>) -> MessageTrace {
-        let name = format!("process {}", meta.queue);
-        let span = tracing::info_span!(
-            "process",
-            otel.name = name.as_str(),
-            otel.kind = "consumer",
-            messaging.destination.name = meta.queue,
-            // tracing-opentelemetry turns u64 into a string; a tag never nears i64::MAX.
-            messaging.rabbitmq.message.delivery_tag = i64::try_from(meta.delivery_tag).ok(),
-            messaging.message.id = meta.message_id,
-            trace_id = Empty,
-            "rabbit_sidecar.decision" = Empty,
-            "error.type" = Empty,
-        );
+        // tracing-opentelemetry turns u64 into a string; a tag never nears i64::MAX.
+        let tag = i64::try_from(meta.delivery_tag).ok();
+        let span = if OTEL_LAYER_BUILT.load(Ordering::Relaxed) {
+            let name = format!("process {}", meta.queue);
+            tracing::info_span!(
+                "process",
+                otel.name = name.as_str(),
+                otel.kind = "consumer",
+                messaging.destination.name = meta.queue,
+                messaging.rabbitmq.message.delivery_tag = tag,
+                messaging.message.id = meta.message_id,
+                trace_id = Empty,
+                "rabbit_sidecar.decision" = Empty,
+                "error.type" = Empty,
+            )
+        } else {
+            // No decision or error fields either: the log lines that matter (retry, dead
+            // letter, requeue) say what was decided themselves.
+            tracing::info_span!(
+                "process",
+                messaging.destination.name = meta.queue,
+                messaging.rabbitmq.message.delivery_tag = tag,
+                messaging.message.id = meta.message_id,
+                trace_id = Empty,
+            )
+        };
         let remote = extract_context(meta.headers);
         // set_parent fails exactly when no OpenTelemetry layer took the span, which is the cheap
         // way to learn whether we export at all.
