@@ -2,9 +2,10 @@
 //! meet.
 //!
 //! For each broker session it prepares the queues, opens a consuming channel (with `basic.qos`
-//! prefetch) and a publishing channel (with publisher confirms), and consumes. Each delivery
-//! becomes a task that waits for one of `--concurrency` slots, hands the message to the app,
-//! asks the [policy](crate::policy) what to do, and does it:
+//! prefetch) and a publishing channel (with publisher confirms), and consumes. Each delivery is
+//! tracked as in flight from the moment it arrives; once one of `--concurrency` slots is free it
+//! becomes a task that hands the message to the app, asks the [policy](crate::policy) what to
+//! do, and does it:
 //!
 //! - **ack** after a 2xx;
 //! - **retry**: publish a copy carrying the attempt count to the retry queue with a per-message
@@ -19,6 +20,7 @@
 //! If a copy is not confirmed the original is held for the retry backoff and then requeued, so a
 //! broken dead-letter path slows a poison message down instead of spinning on it.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -32,7 +34,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Consumer};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -45,7 +47,7 @@ use crate::events::{
 use crate::gate::AppGate;
 use crate::headers::{self, DeliveryInfo};
 use crate::health::{Health, State};
-use crate::metrics::{CancelReason, Metrics};
+use crate::metrics::{CancelReason, Metrics, QueueSeries};
 use crate::policy::{self, DeadLetterReason, Decision, Limits, Outcome};
 use crate::topology::{self, QueueSpec};
 use crate::trace::{DeliveryMeta, MessageTrace};
@@ -125,6 +127,7 @@ enum Pump {
 /// Runs one subscription until shutdown. Handler tasks are spawned on `shared.tasks`; the
 /// supervisor waits for them.
 pub async fn run(sub: Arc<Subscription>, shared: Shared, mut sessions: Sessions) {
+    let shared = Arc::new(shared);
     let queue = sub.queue().to_string();
     let mut last_generation = 0u64;
     let mut failures = 0u32;
@@ -166,7 +169,11 @@ pub async fn run(sub: Arc<Subscription>, shared: Shared, mut sessions: Sessions)
     shared.health.set_state(&queue, State::Draining);
 }
 
-async fn consume_session(sub: &Arc<Subscription>, shared: &Shared, session: &Arc<Session>) -> Exit {
+async fn consume_session(
+    sub: &Arc<Subscription>,
+    shared: &Arc<Shared>,
+    session: &Arc<Session>,
+) -> Exit {
     let conn = &session.connection;
     let lost_or = |e: lapin::Error| {
         if session.is_connected() {
@@ -194,14 +201,23 @@ async fn consume_session(sub: &Arc<Subscription>, shared: &Shared, session: &Arc
         };
     }
     sub.prepared_once.store(true, Ordering::Relaxed);
-    let channel = match open_consuming_channel(conn, sub.prefetch).await {
+    let channel = match openconsuming_channel(conn, sub.prefetch).await {
         Ok(c) => c,
         Err(e) => return lost_or(e),
     };
     let publisher = match open_publishing_channel(conn).await {
-        Ok(c) => Arc::new(c),
+        Ok(c) => c,
         Err(e) => return lost_or(e),
     };
+    // What every delivery's task needs, behind one reference count.
+    let ctx = Arc::new(Ctx {
+        sub: sub.clone(),
+        shared: shared.clone(),
+        session: session.clone(),
+        publisher,
+        consuming: channel.clone(),
+        series: shared.metrics.queue_series(sub.queue()),
+    });
     let queue = sub.queue();
     let mut consumer_number = 0u32;
     let exit = loop {
@@ -237,7 +253,7 @@ async fn consume_session(sub: &Arc<Subscription>, shared: &Shared, session: &Arc
         shared.health.set_consumer(queue, Some(tag.clone()));
         shared.health.set_state(queue, State::Consuming);
 
-        let ended = pump(sub, shared, session, &channel, &publisher, &mut consumer).await;
+        let ended = pump(&ctx, &mut consumer).await;
         shared.health.set_consumer(queue, None);
         match ended {
             Pump::Shutdown => {
@@ -303,7 +319,7 @@ async fn consume_session(sub: &Arc<Subscription>, shared: &Shared, session: &Arc
     exit
 }
 
-async fn open_consuming_channel(
+async fn openconsuming_channel(
     conn: &lapin::Connection,
     prefetch: u16,
 ) -> Result<Channel, lapin::Error> {
@@ -329,36 +345,107 @@ async fn wait_lost(session: &Session) {
     }
 }
 
-async fn pump(
-    sub: &Arc<Subscription>,
-    shared: &Shared,
-    session: &Arc<Session>,
-    channel: &Channel,
-    publisher: &Arc<Channel>,
-    consumer: &mut Consumer,
-) -> Pump {
+/// What a delivery's task shares with the others of its consumer session.
+struct Ctx {
+    sub: Arc<Subscription>,
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+    /// The channel with publisher confirms, for retried and dead-lettered copies.
+    publisher: Channel,
+    /// A task keeps the consuming channel open until its message is settled: dropping the last
+    /// handle would close it and requeue the message.
+    consuming: Channel,
+    series: QueueSeries,
+}
+
+/// Takes deliveries off the consumer as they come (so health sees every message the broker
+/// handed over) and starts a task for each once one of the `--concurrency` slots is free. Only
+/// messages that hold a slot have a task; the others wait here, and this loop gives them back if
+/// it stops.
+async fn pump(ctx: &Arc<Ctx>, consumer: &mut Consumer) -> Pump {
+    let (sub, shared) = (&ctx.sub, &ctx.shared);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
+    // Never longer than the prefetch: the broker sends no more unacknowledged messages.
+    let mut waiting: VecDeque<Received> = VecDeque::with_capacity(usize::from(sub.prefetch));
+    let ended = loop {
         tokio::select! {
             biased;
-            _ = shared.shutdown.cancelled() => return Pump::Shutdown,
-            _ = shared.gate.wait_down() => return Pump::AppDown,
+            _ = shared.shutdown.cancelled() => break Pump::Shutdown,
+            _ = shared.gate.wait_down() => break Pump::AppDown,
             _ = tick.tick() => shared.health.tick(sub.queue()),
+            permit = sub.slots.clone().acquire_owned(), if !waiting.is_empty() => {
+                let permit = permit.expect("the semaphore is never closed");
+                let received = waiting.pop_front().expect("waited only when not empty");
+                shared.tasks.spawn(handle(ctx.clone(), received, Some(permit)));
+            }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    let (sub, shared2, session, publisher) = (sub.clone(), shared.clone(), session.clone(), publisher.clone());
-                    // The task keeps the consuming channel open until its message is settled:
-                    // dropping the last handle would close it and requeue the message.
-                    let consuming = channel.clone();
-                    shared.tasks.spawn(async move {
-                        handle(sub, shared2, session, publisher, delivery).await;
-                        drop(consuming);
-                    });
+                    let received = receive(ctx, delivery);
+                    if policy::exhausted_on_arrival(received.attempt, &sub.limits) {
+                        // Dead-lettered without asking the app: it needs no slot.
+                        shared.tasks.spawn(handle(ctx.clone(), received, None));
+                    } else if waiting.is_empty()
+                        && let Ok(permit) = sub.slots.clone().try_acquire_owned()
+                    {
+                        shared.tasks.spawn(handle(ctx.clone(), received, Some(permit)));
+                    } else {
+                        waiting.push_back(received);
+                    }
                 }
-                Some(Err(e)) => return Pump::Error(e),
-                None => return Pump::BrokerCancelled,
+                Some(Err(e)) => break Pump::Error(e),
+                None => break Pump::BrokerCancelled,
             },
         }
+    };
+    let why = match &ended {
+        Pump::Shutdown => Some("shutdown"),
+        Pump::AppDown => Some("app unreachable"),
+        Pump::BrokerCancelled if ctx.consuming.status().connected() => Some("consumer cancelled"),
+        // The channel is gone, and with it the broker's record of these deliveries: it has
+        // requeued them already.
+        _ => None,
+    };
+    for received in waiting {
+        if let Some(why) = why {
+            requeue(shared, sub.queue(), &received.delivery, why).await;
+        }
+        shared.health.settled(sub.queue(), received.id, false);
+    }
+    ended
+}
+
+/// A delivery taken off the consumer: counted, tracked by health, its attempt worked out.
+struct Received {
+    delivery: Delivery,
+    /// The in-flight id health tracks it by.
+    id: u64,
+    attempt: u32,
+}
+
+fn receive(ctx: &Ctx, delivery: Delivery) -> Received {
+    let Ctx {
+        sub,
+        shared,
+        series,
+        ..
+    } = ctx;
+    let queue = sub.queue();
+    let id = sub.next_id.fetch_add(1, Ordering::Relaxed);
+    let prior = headers::prior_attempts(delivery.properties.headers().as_ref());
+    let attempt = prior.saturating_add(1);
+    shared.health.delivered(queue, id);
+    MessageReceived {
+        queue,
+        series,
+        redelivered: delivery.redelivered || prior > 0,
+        attempt,
+        age: message_age(&delivery.properties),
+    }
+    .emit(&shared.metrics);
+    Received {
+        delivery,
+        id,
+        attempt,
     }
 }
 
@@ -432,29 +519,25 @@ fn message_age(props: &BasicProperties) -> Option<Duration> {
     now.checked_sub(ts).map(Duration::from_secs)
 }
 
-async fn handle(
-    sub: Arc<Subscription>,
-    shared: Shared,
-    session: Arc<Session>,
-    publisher: Arc<Channel>,
-    mut delivery: Delivery,
-) {
+/// Handles one received message: with a slot (`permit`) when it goes to the app, without one
+/// when it is dead-lettered on arrival.
+async fn handle(ctx: Arc<Ctx>, received: Received, permit: Option<OwnedSemaphorePermit>) {
+    let Ctx {
+        sub,
+        shared,
+        session,
+        ..
+    } = &*ctx;
+    let Received {
+        mut delivery,
+        id,
+        attempt,
+    } = received;
     let queue = sub.queue();
     // The body is handed to the app and, for a retry or dead letter, to the broker again: take
     // it out of the delivery once and share it rather than copy it per use.
     let body = Bytes::from(std::mem::take(&mut delivery.data));
-    let id = sub.next_id.fetch_add(1, Ordering::Relaxed);
     let msg_headers = delivery.properties.headers().as_ref();
-    let prior = headers::prior_attempts(msg_headers);
-    let attempt = prior.saturating_add(1);
-    shared.health.delivered(queue, id);
-    MessageReceived {
-        queue,
-        redelivered: delivery.redelivered || prior > 0,
-        attempt,
-        age: message_age(&delivery.properties),
-    }
-    .emit(&shared.metrics);
 
     let trace = MessageTrace::start(&DeliveryMeta {
         queue,
@@ -481,9 +564,7 @@ async fn handle(
     let span = trace.span().clone();
     let settled_by_ack = tracing::Instrument::instrument(
         process(
-            &sub,
-            &shared,
-            &publisher,
+            &ctx,
             InHand {
                 delivery: &delivery,
                 body: &body,
@@ -496,6 +577,7 @@ async fn handle(
     )
     .await;
     shared.health.settled(queue, id, settled_by_ack);
+    drop(permit);
 }
 
 /// A delivery in the sidecar's hands, with what `handle` worked out about it.
@@ -510,12 +592,14 @@ struct InHand<'a> {
 
 /// Takes the message through slot, dispatch, decision and settlement. Returns whether it was
 /// acked (it left the queue for good).
-async fn process(
-    sub: &Subscription,
-    shared: &Shared,
-    publisher: &Channel,
-    message: InHand<'_>,
-) -> bool {
+async fn process(ctx: &Ctx, message: InHand<'_>) -> bool {
+    let Ctx {
+        sub,
+        shared,
+        publisher,
+        series,
+        ..
+    } = ctx;
     let InHand {
         delivery,
         body,
@@ -528,24 +612,14 @@ async fn process(
         let reason = DeadLetterReason::MaxDeliveries;
         trace.record_decision("dead_letter");
         let detail = "delivered more often than --max-deliveries without a decision (consumers died holding it)";
-        return dead_letter(
+        // Rare paths are boxed: inline, their futures would enlarge every message's task.
+        return Box::pin(dead_letter(
             sub, shared, publisher, delivery, body, attempt, reason, None, detail, trace,
-        )
+        ))
         .await;
     }
 
-    // Wait for a slot; give the message back if the app goes down or we shut down meanwhile.
-    let _permit = tokio::select! {
-        permit = sub.slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-        _ = shared.gate.wait_down() => {
-            requeue(shared, queue, delivery, "app unreachable").await;
-            return false;
-        }
-        _ = shared.shutdown.cancelled() => {
-            requeue(shared, queue, delivery, "shutdown").await;
-            return false;
-        }
-    };
+    // The gate may have closed since the pump started this task.
     if !shared.gate.is_up() {
         requeue(shared, queue, delivery, "app unreachable").await;
         return false;
@@ -605,6 +679,7 @@ async fn process(
     };
     HandlerAnswered {
         queue,
+        series,
         outcome: outcome_label,
         elapsed: answer.elapsed,
         status: answer.outcome.status(),
@@ -620,7 +695,12 @@ async fn process(
         Decision::Ack => {
             let ok = ack(shared, queue, delivery).await;
             if ok {
-                MessageAcked { queue, attempt }.emit(&shared.metrics);
+                MessageAcked {
+                    queue,
+                    series,
+                    attempt,
+                }
+                .emit(&shared.metrics);
             }
             ok
         }
@@ -629,7 +709,7 @@ async fn process(
             false
         }
         Decision::DeadLetter { reason } => {
-            dead_letter(
+            Box::pin(dead_letter(
                 sub,
                 shared,
                 publisher,
@@ -640,7 +720,7 @@ async fn process(
                 answer.outcome.status(),
                 &answer.detail,
                 trace,
-            )
+            ))
             .await
         }
         Decision::Retry { reason, delay } => {
@@ -651,14 +731,14 @@ async fn process(
             );
             put_status(&mut extra, answer.outcome.status(), &answer.detail);
             trace.inject_amqp(&mut extra);
-            match republish(
+            match Box::pin(republish(
                 publisher,
                 &sub.spec.retry_queue,
                 delivery,
                 body,
                 extra,
                 Some(delay),
-            )
+            ))
             .await
             {
                 Ok(()) => {
@@ -679,7 +759,7 @@ async fn process(
                         error: &error,
                     }
                     .emit(&shared.metrics);
-                    hold_then_requeue(sub, shared, delivery, attempt).await;
+                    Box::pin(hold_then_requeue(sub, shared, delivery, attempt)).await;
                     false
                 }
             }
