@@ -3,7 +3,11 @@
 //!
 //! 1. ack only: the ceiling of the broker and the client library on this machine;
 //! 2. POST each message to the app with the same concurrency limit (a semaphore), ack on 2xx,
-//!    requeue otherwise: the sidecar's work without its metrics, health, traces or policy.
+//!    requeue otherwise: the sidecar's work without its metrics, health, traces or policy. It runs
+//!    as a child process of the bench ([`BareProc`], this same binary with
+//!    `--bare-consumer`), like the sidecar: in the bench's own process the POST would go to an
+//!    app on the same tokio runtime, often without leaving the thread, a shortcut no deployed
+//!    consumer has. Its CPU time is measured the same way as the sidecar's.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +24,7 @@ use lapin::types::FieldTable;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::rig::{self, Recorder};
+use crate::rig::{self, ProcStats, Recorder};
 
 /// What a bare consumer does with each delivery.
 #[derive(Clone)]
@@ -112,4 +116,108 @@ pub async fn start(
         let _ = ch.close(200, "".into()).await;
         let _ = conn.close(200, "".into()).await;
     }))
+}
+
+/// Baseline 2 in a process of its own: this bench binary run with `--bare-consumer`. It stops
+/// when its stdin closes (this handle is dropped) and is killed by its PID if it lingers.
+pub struct BareProc {
+    child: std::process::Child,
+}
+
+impl BareProc {
+    /// Starts the consumer and waits until it is registered with the broker.
+    pub async fn start(
+        queue: &str,
+        url: &str,
+        concurrency: usize,
+        prefetch: u16,
+    ) -> Result<BareProc, String> {
+        use std::io::BufRead as _;
+        use std::process::{Command, Stdio};
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut child = Command::new(exe)
+            .args([
+                "--bare-consumer",
+                queue,
+                url,
+                &concurrency.to_string(),
+                &prefetch.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start the bare consumer: {e}"))?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut proc = BareProc { child };
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufReader::new(stdout)
+                .read_line(&mut line)
+                .map(|_| line)
+        });
+        match tokio::time::timeout(Duration::from_secs(30), line).await {
+            Ok(Ok(Ok(l))) if l.trim() == "ready" => Ok(proc),
+            other => {
+                proc.stop().await;
+                Err(format!("the bare consumer did not start: {other:?}"))
+            }
+        }
+    }
+
+    pub fn stats(&self) -> ProcStats {
+        ProcStats::read(self.child.id())
+    }
+
+    /// Closes its stdin and waits (at most 10 s) for it to exit; kills it otherwise.
+    pub async fn stop(&mut self) {
+        drop(self.child.stdin.take());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for BareProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The `--bare-consumer QUEUE URL CONCURRENCY PREFETCH` mode: consume with [`Work::Post`], say
+/// `ready` on stdout once registered, stop when stdin closes.
+pub async fn serve(args: &[String]) -> Result<(), String> {
+    let [queue, url, concurrency, prefetch] = args else {
+        return Err("--bare-consumer QUEUE URL CONCURRENCY PREFETCH".into());
+    };
+    let url = url.parse().map_err(|_| format!("bad URL {url:?}"))?;
+    let concurrency = concurrency.parse().map_err(|_| "bad concurrency")?;
+    let prefetch = prefetch.parse().map_err(|_| "bad prefetch")?;
+    let stop = CancellationToken::new();
+    let task = start(
+        queue,
+        prefetch,
+        Work::Post { url, concurrency },
+        stop.clone(),
+    )
+    .await?;
+    println!("ready");
+    // Blocks until the bench closes our stdin (or dies).
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink)
+    })
+    .await;
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    Ok(())
 }

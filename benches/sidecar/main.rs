@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::baseline::Work;
+use crate::baseline::{BareProc, Work};
 use crate::failover::Timing;
 use crate::rig::{App, Broker, OtlpReceiver, ProcStats, QueueKind, SidecarProc};
 
@@ -249,6 +249,7 @@ async fn run_case_on(
     let stop = CancellationToken::new();
     let mut bare = None;
     let mut sidecar = None;
+    let mut bare_proc = None;
     let otlp_before = ctx.otlp.requests.load(std::sync::atomic::Ordering::Relaxed);
     match case.consumer {
         Consumer::AckOnly => {
@@ -257,16 +258,8 @@ async fn run_case_on(
             )
         }
         Consumer::Bare { concurrency } => {
-            let url = ctx.app.url("/bare").parse().map_err(|_| "app URL")?;
-            bare = Some(
-                baseline::start(
-                    queue,
-                    PREFETCH,
-                    Work::Post { url, concurrency },
-                    stop.clone(),
-                )
-                .await?,
-            )
+            bare_proc =
+                Some(BareProc::start(queue, &ctx.app.url("/bare"), concurrency, PREFETCH).await?);
         }
         Consumer::Sidecar {
             concurrency,
@@ -304,11 +297,11 @@ async fn run_case_on(
             ));
         }
         if cpu_start.is_none()
-            && let Some(s) = &sidecar
+            && let Some(stats) = child_stats(&sidecar, &bare_proc)
         {
             let seen = rec.count();
             if seen > 0 {
-                cpu_start = Some((s.stats().cpu_s, seen));
+                cpu_start = Some((stats.cpu_s, seen));
             }
         }
         tokio::time::sleep(Duration::from_millis(if cpu_start.is_none() {
@@ -318,7 +311,7 @@ async fn run_case_on(
         }))
         .await;
     }
-    let end = sidecar.as_ref().map(|s| s.stats());
+    let end = child_stats(&sidecar, &bare_proc);
     let span = rec.span().unwrap_or_default().as_secs_f64().max(1e-6);
     let msgs_per_s = (n.saturating_sub(1)) as f64 / span;
     let cpu_s_per_10k = match (cpu_start, end) {
@@ -346,6 +339,10 @@ async fn run_case_on(
     if let Some(b) = bare {
         let _ = tokio::time::timeout(Duration::from_secs(10), b).await;
     }
+    if let Some(mut b) = bare_proc {
+        peak_rss_mib = Some(b.stats().hwm_kib as f64 / 1024.0);
+        b.stop().await;
+    }
     if let Some(mut s) = sidecar {
         peak_rss_mib = Some(s.stats().hwm_kib as f64 / 1024.0);
         // A graceful stop flushes pending spans.
@@ -370,6 +367,15 @@ async fn run_case_on(
         ratio_b1: None,
         ratio_b2: None,
     })
+}
+
+/// The CPU and memory of the consumer process under test, if it is a child process.
+fn child_stats(sidecar: &Option<SidecarProc>, bare: &Option<BareProc>) -> Option<ProcStats> {
+    match (sidecar, bare) {
+        (Some(s), _) => Some(s.stats()),
+        (None, Some(b)) => Some(b.stats()),
+        (None, None) => None,
+    }
 }
 
 /// The round with the median throughput stands for the case; peak RSS is the highest of all.
@@ -764,6 +770,16 @@ async fn wait_for_broker(timeout: Duration) {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--bare-consumer") {
+        return match baseline::serve(&args[2..]).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bare consumer: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let opts = match parse_args() {
         Ok(o) => o,
         Err(e) => {
