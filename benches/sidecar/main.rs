@@ -16,8 +16,9 @@
 //! measured rate (at most 2000/s) for a few seconds; each body carries its publish time, and the
 //! latency is publish → the app receiving the POST (for baseline 1: the consumer receiving the
 //! delivery). The sidecar acks right after the app's 2xx, so the ack adds one more local step that
-//! is not in the figure. Sidecar CPU seconds are read from `/proc/<pid>/stat` between the first and
-//! the last receipt of the throughput phase; peak RSS is `VmHWM` of `/proc/<pid>/status`.
+//! is not in the figure. The CPU seconds of the consumer process (the sidecar, or baseline 2, which
+//! runs in a process of its own too) are read from `/proc/<pid>/stat` between the first and the
+//! last receipt of the throughput phase; peak RSS is `VmHWM` of `/proc/<pid>/status`.
 
 mod baseline;
 mod failover;
