@@ -405,6 +405,13 @@ async fn pump(ctx: &Arc<Ctx>, consumer: &mut Consumer) -> Pump {
         // requeued them already.
         _ => None,
     };
+    if why.is_none() && !waiting.is_empty() {
+        tracing::info!(
+            queue = %sub.queue(),
+            messages = waiting.len(),
+            "the channel closed with messages not yet handed to the app; the broker requeued them"
+        );
+    }
     for received in waiting {
         if let Some(why) = why {
             requeue(shared, sub.queue(), &received.delivery, why).await;
