@@ -116,31 +116,26 @@ async fn hangs_resets_slow_answers_and_huge_bodies_each_keep_the_promise() {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let (addr, server) = raw_app(seen.clone()).await;
     let url = format!("http://{addr}/");
-    let sidecar = Sidecar::spawn(&[
-        "--amqp-url",
-        AMQP,
-        "--queue",
+    let sidecar = Sidecar::spawn(&declared(
         &queue,
-        "--target-url",
         &url,
-        "--declare",
-        "--queue-type",
-        "classic",
-        "--handler-timeout",
-        "1500ms",
-        "--max-deliveries",
-        "3",
-        "--retry-backoff",
-        "100ms",
-        "--retry-backoff-max",
-        "200ms",
-        "--heartbeat",
-        "2s",
-        "--app-probe-interval",
-        "200ms",
-        "--queue-poll-interval",
-        "500ms",
-    ]);
+        &[
+            "--handler-timeout",
+            "1500ms",
+            "--max-deliveries",
+            "3",
+            "--retry-backoff",
+            "100ms",
+            "--retry-backoff-max",
+            "200ms",
+            "--heartbeat",
+            "2s",
+            "--app-probe-interval",
+            "200ms",
+            "--queue-poll-interval",
+            "500ms",
+        ],
+    ));
     sidecar.wait_ready(Duration::from_secs(20)).await;
     let mut ids = Vec::new();
     for kind in ["ok", "hang", "close", "slow", "huge"] {

@@ -451,17 +451,7 @@ async fn healthcheck_exits_0_against_a_live_sidecar_and_1_against_a_dead_port() 
     broker.track(&queue);
     let app = App::start().await;
     let url = app.url();
-    let sidecar = Sidecar::spawn(&[
-        "--amqp-url",
-        AMQP,
-        "--queue",
-        &queue,
-        "--target-url",
-        &url,
-        "--declare",
-        "--queue-type",
-        "classic",
-    ]);
+    let sidecar = Sidecar::spawn(&declared(&queue, &url, &[]));
     sidecar.wait_ready(Duration::from_secs(20)).await;
     let healthz = format!("http://{}/healthz", sidecar.admin);
     let r = run(&["healthcheck", "--url", &healthz], &[]).await;

@@ -162,25 +162,20 @@ async fn dashboards_and_rules_work_against_a_real_prometheus() {
         _ => 200,
     });
     let url = app.url();
-    let sidecar = Sidecar::spawn(&[
-        "--amqp-url",
-        AMQP,
-        "--queue",
+    let sidecar = Sidecar::spawn(&declared(
         &queue,
-        "--target-url",
         &url,
-        "--declare",
-        "--queue-type",
-        "classic",
-        "--retry-backoff",
-        "100ms",
-        "--max-deliveries",
-        "2",
-        "--queue-poll-interval",
-        "1s",
-        "--app-probe-interval",
-        "200ms",
-    ]);
+        &[
+            "--retry-backoff",
+            "100ms",
+            "--max-deliveries",
+            "2",
+            "--queue-poll-interval",
+            "1s",
+            "--app-probe-interval",
+            "200ms",
+        ],
+    ));
     sidecar.wait_ready(Duration::from_secs(20)).await;
     let prom = Prometheus::start(&sidecar.admin.to_string());
     broker.publish_n(&queue, 30, "ok").await;

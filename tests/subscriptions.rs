@@ -50,25 +50,20 @@ async fn topic_bindings_route_only_matching_messages() {
     broker.track(&queue);
     let app = App::start().await;
     let url = app.url();
-    let sidecar = Sidecar::spawn(&[
-        "--amqp-url",
-        AMQP,
-        "--queue",
+    let sidecar = Sidecar::spawn(&declared(
         &queue,
-        "--target-url",
         &url,
-        "--declare",
-        "--queue-type",
-        "classic",
-        "--exchange",
-        &exchange,
-        "--exchange-type",
-        "topic",
-        "--binding-key",
-        "order.created",
-        "--binding-key",
-        "payment.*",
-    ]);
+        &[
+            "--exchange",
+            &exchange,
+            "--exchange-type",
+            "topic",
+            "--binding-key",
+            "order.created",
+            "--binding-key",
+            "payment.*",
+        ],
+    ));
     sidecar.wait_ready(Duration::from_secs(20)).await;
     for (key, body) in [
         ("order.created", "a"),
@@ -98,23 +93,18 @@ async fn topic_bindings_route_only_matching_messages() {
 
     // Starting again with the same declarations is fine (idempotent).
     drop(sidecar);
-    let again = Sidecar::spawn(&[
-        "--amqp-url",
-        AMQP,
-        "--queue",
+    let again = Sidecar::spawn(&declared(
         &queue,
-        "--target-url",
         &url,
-        "--declare",
-        "--queue-type",
-        "classic",
-        "--exchange",
-        &exchange,
-        "--exchange-type",
-        "topic",
-        "--binding-key",
-        "order.created",
-    ]);
+        &[
+            "--exchange",
+            &exchange,
+            "--exchange-type",
+            "topic",
+            "--binding-key",
+            "order.created",
+        ],
+    ));
     again.wait_ready(Duration::from_secs(20)).await;
     broker.cleanup().await;
     delete_exchange(&broker, &exchange).await;
@@ -274,23 +264,18 @@ async fn a_conflicting_declaration_stops_start_up_with_a_clear_error() {
         .unwrap();
     let app = App::start().await;
     let url = app.url();
-    let mut sidecar = Sidecar::spawn(&[
-        "--amqp-url",
-        AMQP,
-        "--queue",
+    let mut sidecar = Sidecar::spawn(&declared(
         &queue,
-        "--target-url",
         &url,
-        "--declare",
-        "--queue-type",
-        "classic",
-        "--exchange",
-        &exchange,
-        "--exchange-type",
-        "topic",
-        "--binding-key",
-        "a.b",
-    ]);
+        &[
+            "--exchange",
+            &exchange,
+            "--exchange-type",
+            "topic",
+            "--binding-key",
+            "a.b",
+        ],
+    ));
     let status = sidecar
         .wait_exit(Duration::from_secs(20))
         .await
@@ -310,17 +295,7 @@ async fn a_conflicting_declaration_stops_start_up_with_a_clear_error() {
     // A queue declared as quorum, then asked for as classic.
     let queue2 = unique("conflict-q");
     broker.declare(&queue2, true, false).await;
-    let mut sidecar = Sidecar::spawn(&[
-        "--amqp-url",
-        AMQP,
-        "--queue",
-        &queue2,
-        "--target-url",
-        &url,
-        "--declare",
-        "--queue-type",
-        "classic",
-    ]);
+    let mut sidecar = Sidecar::spawn(&declared(&queue2, &url, &[]));
     let status = sidecar
         .wait_exit(Duration::from_secs(20))
         .await

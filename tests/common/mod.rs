@@ -56,9 +56,9 @@ where
     }
 }
 
-/// The sidecar flags most tests use: the local broker, a declared classic queue, short backoffs
-/// and probe intervals so faults play out in seconds; `extra` is appended (later flags win).
-pub fn args<'a>(queue: &'a str, app: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+/// The local broker, a declared classic `queue` and the `app`, with the sidecar's own defaults
+/// for everything else; `extra` is appended (later flags win).
+pub fn declared<'a>(queue: &'a str, app: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut a = vec![
         "--amqp-url",
         AMQP,
@@ -69,15 +69,28 @@ pub fn args<'a>(queue: &'a str, app: &'a str, extra: &[&'a str]) -> Vec<&'a str>
         "--declare",
         "--queue-type",
         "classic",
-        "--retry-backoff",
-        "100ms",
-        "--heartbeat",
-        "2s",
-        "--app-probe-interval",
-        "200ms",
-        "--queue-poll-interval",
-        "500ms",
     ];
+    a.extend_from_slice(extra);
+    a
+}
+
+/// The sidecar flags most tests use: [`declared`] plus short backoffs and probe intervals so
+/// faults play out in seconds; `extra` is appended (later flags win).
+pub fn args<'a>(queue: &'a str, app: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = declared(
+        queue,
+        app,
+        &[
+            "--retry-backoff",
+            "100ms",
+            "--heartbeat",
+            "2s",
+            "--app-probe-interval",
+            "200ms",
+            "--queue-poll-interval",
+            "500ms",
+        ],
+    );
     a.extend_from_slice(extra);
     a
 }
