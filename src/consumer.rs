@@ -617,8 +617,8 @@ async fn process(ctx: &Ctx, message: InHand<'_>) -> bool {
     let queue = sub.queue();
     if policy::exhausted_on_arrival(attempt, &sub.limits) {
         let reason = DeadLetterReason::MaxDeliveries;
-        trace.record_decision("dead_letter");
         let detail = "delivered more often than --max-deliveries without a decision (consumers died holding it)";
+        trace.record_decision("dead_letter", detail);
         // Rare paths are boxed: inline, their futures would enlarge every message's task.
         return Box::pin(dead_letter(
             sub, shared, publisher, delivery, body, attempt, reason, None, detail, trace,
@@ -641,27 +641,28 @@ async fn process(ctx: &Ctx, message: InHand<'_>) -> bool {
         attempt,
         properties: props,
     });
-    let client_span = trace.dispatch_span("POST", sub.dispatcher.target());
+    let mut client_span = trace.dispatch_span("POST", sub.dispatcher.target());
     trace.inject_http(&client_span, &mut http_headers);
 
     shared.health.dispatch_started(queue, id);
     let answer = tokio::select! {
-        a = tracing::Instrument::instrument(sub.dispatcher.dispatch(body.clone(), http_headers), client_span.clone()) => a,
+        a = sub.dispatcher.dispatch(body.clone(), http_headers) => a,
         _ = shared.hard_stop.cancelled() => {
-            trace.record_decision("requeue");
+            client_span.record_error("shutdown");
+            trace.record_decision("requeue", "shutdown deadline reached");
             requeue(shared, queue, delivery, "shutdown deadline reached").await;
             return false;
         }
     };
     match answer.outcome {
-        Outcome::Unreachable => crate::trace::record_client_error(&client_span, "unreachable"),
+        Outcome::Unreachable => client_span.record_error("unreachable"),
         Outcome::Retryable {
             reason,
             status: None,
-        } => crate::trace::record_client_error(&client_span, reason.as_str()),
+        } => client_span.record_error(reason.as_str()),
         other => {
             if let Some(status) = other.status() {
-                crate::trace::record_http_status(&client_span, status);
+                client_span.record_http_status(status);
             }
         }
     }
@@ -693,7 +694,7 @@ async fn process(ctx: &Ctx, message: InHand<'_>) -> bool {
         detail: &answer.detail,
     }
     .emit(&shared.metrics);
-    trace.record_decision(decision.label());
+    trace.record_decision(decision.label(), &answer.detail);
     if !matches!(decision, Decision::Ack) {
         trace.record_error(error_type(&answer.outcome));
     }
@@ -766,6 +767,7 @@ async fn process(ctx: &Ctx, message: InHand<'_>) -> bool {
                         error: &error,
                     }
                     .emit(&shared.metrics);
+                    trace.record_event("retry_copy_not_confirmed", &error);
                     Box::pin(hold_then_requeue(sub, shared, delivery, attempt)).await;
                     false
                 }
@@ -863,6 +865,7 @@ async fn dead_letter(
                 error: &error,
             }
             .emit(&shared.metrics);
+            trace.record_event("dead_letter_copy_not_confirmed", &error);
             hold_then_requeue(sub, shared, delivery, attempt).await;
             false
         }

@@ -25,6 +25,7 @@ pub mod monitor;
 pub mod policy;
 pub mod remediate;
 pub mod run;
+pub mod span_batch;
 pub mod telemetry;
 pub mod topology;
 pub mod trace;

@@ -14,21 +14,24 @@
 //! | `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG` | sampler (default `parentbased_always_on`) |
 //! | `OTEL_TRACES_EXPORTER` | `otlp` (default) or `none` |
 //! | `OTEL_SDK_DISABLED` | `true` turns export off |
+//! | `OTEL_BSP_SCHEDULE_DELAY` | longest wait of a partly filled batch, milliseconds (default 5000) |
+//! | `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` | spans per export request (default 512) |
+//! | `OTEL_BSP_MAX_QUEUE_SIZE` | spans that may wait for export before new ones are dropped (default 2048) |
+//! | `OTEL_BSP_EXPORT_TIMEOUT` | timeout of one export, milliseconds (default: the exporter's timeout) |
 //!
-//! With no endpoint the OpenTelemetry layer is not installed at all, so spans cost what a
-//! `tracing` span costs and nothing more; [`crate::trace`] still hands the producer's context on.
-//! A bad value is an error naming the variable, so a typo fails at start rather than silently
-//! losing traces. (`OTEL_EXPORTER_OTLP_HEADERS` and `OTEL_BSP_*` are read by the exporter and
-//! the batch processor themselves, from the process environment.)
+//! With no endpoint no tracer is installed at all, so a delivery costs one lean `tracing` span
+//! and nothing more; [`crate::trace`] still hands the producer's context on. A bad value is an
+//! error naming the variable, so a typo fails at start rather than silently losing traces.
+//! (`OTEL_EXPORTER_OTLP_HEADERS` is read by the exporter itself, from the process environment.)
+//! Finished spans are batched by [`crate::span_batch`].
 //!
-//! Export runs on the tokio runtime (batch processor, tonic or hyper without TLS or proxies), so
+//! Export runs on the tokio runtime (batch task, tonic or hyper without TLS or proxies), so
 //! [`Telemetry::init`] must be called inside the runtime, and [`Telemetry::shutdown`] awaited
 //! before it stops: that flushes what is queued and gives up after [`SHUTDOWN_GRACE`]. Merely
 //! dropping the handle stops export in the background with no promise that anything is flushed.
 //!
-//! Only spans and events of this crate reach the exporter, whatever `RUST_LOG` says: the log
-//! filter must not be able to switch traces off, and the exporter's own HTTP/gRPC stack must not
-//! trace itself.
+//! Only the spans [`crate::trace`] builds reach the exporter, whatever `RUST_LOG` says: the log
+//! filter cannot switch traces off, and the exporter's own HTTP/gRPC stack does not trace itself.
 
 use std::fmt;
 use std::io::IsTerminal as _;
@@ -39,11 +42,11 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{ExporterBuildError, Protocol, SpanExporter, WithExportConfig as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::runtime;
-use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
-use opentelemetry_sdk::trace::{BatchConfigBuilder, Sampler, SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 use tracing::Subscriber;
-use tracing_subscriber::filter::{EnvFilter, Targets};
+
+use crate::span_batch::{BatchConfig, SpanBatcher};
+use tracing_subscriber::filter::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::registry::LookupSpan;
@@ -254,23 +257,13 @@ fn shut_down_in_background(
     }
 }
 
-/// The OpenTelemetry layer as production installs it, for tests that bring their own tracer
-/// (an in-memory exporter): only this crate's spans and events, at `info` and above.
+/// The layer that carries the tracer as production installs it, for tests that bring their own
+/// tracer (an in-memory exporter). Spans are built by [`crate::trace`] with it directly.
 pub fn otel_layer<S>(tracer: SdkTracer) -> impl Layer<S> + Send + Sync
 where
     S: Subscriber + for<'span> LookupSpan<'span> + Send + Sync,
 {
-    crate::trace::note_otel_layer();
-    tracing_opentelemetry::layer()
-        .with_tracer(tracer)
-        // busy/idle times per span are noise for a one-request span and cost a clock read each
-        // enter and exit; thread ids say nothing about a message.
-        .with_tracked_inactivity(false)
-        .with_threads(false)
-        // code.filepath/lineno/namespace would name the sidecar's own source lines: nothing an
-        // operator acts on, and three more attributes to build and export per span.
-        .with_location(false)
-        .with_filter(Targets::new().with_target(env!("CARGO_CRATE_NAME"), tracing::Level::INFO))
+    crate::trace::tracer_layer(tracer)
 }
 
 /// What the OTLP exporter needs, read from the standard variables.
@@ -281,6 +274,7 @@ struct ExportConfig {
     timeout: Duration,
     service_name: String,
     sampler: Sampler,
+    batch: BatchConfig,
 }
 
 impl ExportConfig {
@@ -358,6 +352,7 @@ impl ExportConfig {
             service_name: env("OTEL_SERVICE_NAME")
                 .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_owned()),
             sampler: sampler_from_env(env)?,
+            batch: batch_from_env(env, timeout)?,
         }))
     }
 
@@ -375,14 +370,8 @@ impl ExportConfig {
                 .with_timeout(self.timeout)
                 .build()?,
         };
-        let batch = BatchConfigBuilder::default()
-            .with_max_export_timeout(self.timeout)
-            .build();
-        let processor = BatchSpanProcessor::builder(exporter, runtime::Tokio)
-            .with_batch_config(batch)
-            .build();
         Ok(SdkTracerProvider::builder()
-            .with_span_processor(processor)
+            .with_span_processor(SpanBatcher::new(exporter, self.batch))
             .with_sampler(self.sampler)
             .with_resource(
                 Resource::builder_empty()
@@ -430,6 +419,36 @@ fn sampler_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Sampler, Tel
                  parentbased_always_off, parentbased_traceidratio",
             ));
         }
+    })
+}
+
+/// The `OTEL_BSP_*` variables; the export timeout defaults to the exporter's.
+fn batch_from_env(
+    env: &dyn Fn(&str) -> Option<String>,
+    export_timeout: Duration,
+) -> Result<BatchConfig, TelemetryError> {
+    let count = |var: &'static str, default: usize| match env(var) {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| invalid(var, &v, "expected a whole number above zero")),
+    };
+    let millis = |var: &'static str, default: Duration| match env(var) {
+        None => Ok(default),
+        Some(v) => parse_millis(var, &v),
+    };
+    let defaults = BatchConfig::default();
+    Ok(BatchConfig {
+        max_queue_size: count("OTEL_BSP_MAX_QUEUE_SIZE", defaults.max_queue_size)?,
+        max_export_batch_size: count(
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+            defaults.max_export_batch_size,
+        )?,
+        scheduled_delay: millis("OTEL_BSP_SCHEDULE_DELAY", defaults.scheduled_delay)?,
+        export_timeout: millis("OTEL_BSP_EXPORT_TIMEOUT", export_timeout)?,
     })
 }
 

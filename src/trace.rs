@@ -6,12 +6,14 @@
 //! ```text
 //! let trace = MessageTrace::start(&DeliveryMeta { .. });      // CONSUMER span "process {queue}"
 //! async { .. }.instrument(trace.span().clone())               // logs inside carry trace_id
-//!   let call = trace.dispatch_span("POST", &uri);             // CLIENT span "POST", child of it
+//!   let mut call = trace.dispatch_span("POST", &uri);         // CLIENT span "POST", child of it
 //!   trace.inject_http(&call, request.headers_mut());          // app sees traceparent/tracestate
-//!   record_http_status(&call, 503)  or  record_client_error(&call, "timeout");
-//!   trace.record_decision("retry");                           // attribute + span event
+//!   call.record_http_status(503)  or  call.record_error("timeout");
+//!   drop(call);                                               // the CLIENT span ends
+//!   trace.record_decision("retry", "HTTP 503: busy");         // attribute + span event
 //!   trace.record_error("http_503");                           // error.type + status error
 //!   trace.inject_amqp(&mut copy_headers);                     // retried / dead-lettered copy
+//! drop(trace);                                                // the CONSUMER span ends
 //! ```
 //!
 //! The process span is a CONSUMER span named `process {queue}` with the OpenTelemetry messaging
@@ -21,45 +23,72 @@
 //! `messaging.message.conversation_id`, `messaging.message.body.size`, `server.address`,
 //! `server.port`, and `error.type` on failure). The fate of the message is
 //! `rabbit_sidecar.decision`: our own namespace, because semconv defines no such attribute and an
-//! unowned `messaging.rabbitmq.*` name could collide with a future one.
-//!
-//! Only what a person reading logs needs (queue, delivery tag, message id, trace id, decision,
-//! error type) is a `tracing` field; the other attributes go straight to OpenTelemetry, so text
-//! log lines stay short and cost nothing when no exporter is installed.
+//! unowned `messaging.rabbitmq.*` name could collide with a future one. The decision is also a
+//! span event, with the app's answer or the failure as `rabbit_sidecar.detail` when there is one.
 //!
 //! Its parent is the W3C `traceparent`/`tracestate` found in the AMQP headers. Producers write
 //! those as long strings, short strings or byte arrays; anything else, or a value that is not a
 //! strict W3C traceparent (the SDK's own parser accepts wrong lengths), starts a new root instead.
 //!
-//! Without an OpenTelemetry layer (no exporter configured) nothing is recorded anywhere but the
-//! logs, and the incoming context is handed to the app and to re-published copies unchanged, so
-//! the producer's trace still continues through the app.
+//! Two kinds of span, each built where it is cheapest:
+//!
+//! - the OpenTelemetry spans are built directly with the SDK's tracer, which the current
+//!   `tracing` dispatcher carries in a [`TracerLayer`] when an exporter is configured. Going
+//!   through a `tracing`-to-OpenTelemetry bridge instead cost more per message than the rest of
+//!   the sidecar's own work (every field visited, formatted and converted, every enter and exit
+//!   looked up); see `docs/performance.md`.
+//! - one lean `tracing` span per delivery (queue, delivery tag, message id, trace id) so that every
+//!   log line written while the message is handled names its trace. Log lines are not copied into
+//!   the OpenTelemetry spans; what a trace needs from them (the decision, its detail, the error
+//!   type) is recorded on the span itself.
+//!
+//! Without a tracer (no exporter configured) no OpenTelemetry span exists, and the incoming
+//! context is handed to the app and to re-published copies unchanged, so the producer's trace
+//! still continues through the app.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use opentelemetry::trace::{
-    SpanContext, SpanId, Status, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+    Span as _, SpanBuilder, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _,
+    TraceFlags, TraceId, TraceState, Tracer as _,
 };
 use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::trace::{SdkTracer, Span as SdkSpan};
 use tracing::field::Empty;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::Layer;
+use tracing_subscriber::filter::{FilterFn, Filtered};
 
 const TRACEPARENT: &str = "traceparent";
 const TRACESTATE: &str = "tracestate";
 const DECISION_KEY: &str = "rabbit_sidecar.decision";
+const DETAIL_KEY: &str = "rabbit_sidecar.detail";
+const ERROR_TYPE_KEY: &str = "error.type";
 
-/// Set once an OpenTelemetry layer has been built in this process (see
-/// [`crate::telemetry::otel_layer`]). Until then nothing can take the OpenTelemetry attributes
-/// of a process span, so [`MessageTrace::start`] opens a lean span with only what a log line
-/// shows: formatting the others for the log layer was a measurable share of the per-message
-/// cost. Once set it stays set; a span that finds no layer still reports `exporting == false`.
-static OTEL_LAYER_BUILT: AtomicBool = AtomicBool::new(false);
+/// Carries the OpenTelemetry tracer in a `tracing` dispatcher, so that whoever runs under that
+/// dispatcher (the whole process, or one test) traces with it. It sees no span or event itself:
+/// its filter rejects them all, which leaves the other layers' filtering untouched.
+pub struct TracerLayer {
+    tracer: Arc<SdkTracer>,
+}
 
-/// Called by whatever builds an OpenTelemetry layer, before it is installed.
-pub(crate) fn note_otel_layer() {
-    OTEL_LAYER_BUILT.store(true, Ordering::Relaxed);
+impl<S: tracing::Subscriber> Layer<S> for TracerLayer {}
+
+/// The layer that makes [`MessageTrace`] export with `tracer`.
+pub fn tracer_layer<S>(tracer: SdkTracer) -> Filtered<TracerLayer, FilterFn, S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    TracerLayer {
+        tracer: Arc::new(tracer),
+    }
+    .with_filter(FilterFn::new(|_| false))
+}
+
+/// The tracer of the current dispatcher, if it has one.
+fn current_tracer() -> Option<Arc<SdkTracer>> {
+    tracing::dispatcher::get_default(|d| d.downcast_ref::<TracerLayer>().map(|l| l.tracer.clone()))
 }
 
 /// What the consumer loop knows about a delivery, borrowed for the span's attributes.
@@ -79,74 +108,66 @@ pub struct DeliveryMeta<'a> {
 
 /// The tracing state of one delivery, from receipt to its decision.
 ///
-/// Invariant: `exporting` is true exactly when an OpenTelemetry layer took the process span, so
-/// the span's own context is valid; otherwise `remote` is the only context there is.
-#[derive(Debug)]
+/// Invariant: `tracer` is set exactly when spans are built; `cx` then holds the process span
+/// (which ends when the last clone of `cx` is dropped), and otherwise only the producer's context.
 pub struct MessageTrace {
-    span: tracing::Span,
-    remote: Context,
-    exporting: bool,
+    log_span: tracing::Span,
+    cx: Context,
+    tracer: Option<Arc<SdkTracer>>,
     trace_id: Option<String>,
+}
+
+impl std::fmt::Debug for MessageTrace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageTrace")
+            .field("exporting", &self.exporting())
+            .field("trace_id", &self.trace_id)
+            .finish()
+    }
 }
 
 impl MessageTrace {
     /// Opens the CONSUMER span for a delivery, parented on the producer's context if any.
     pub fn start(meta: &DeliveryMeta<'_>) -> MessageTrace {
-        // tracing-opentelemetry turns u64 into a string; a tag never nears i64::MAX.
-        let tag = i64::try_from(meta.delivery_tag).ok();
-        let span = if OTEL_LAYER_BUILT.load(Ordering::Relaxed) {
-            let name = format!("process {}", meta.queue);
-            tracing::info_span!(
-                "process",
-                otel.name = name.as_str(),
-                otel.kind = "consumer",
-                messaging.destination.name = meta.queue,
-                messaging.rabbitmq.message.delivery_tag = tag,
-                messaging.message.id = meta.message_id,
-                trace_id = Empty,
-                "rabbit_sidecar.decision" = Empty,
-                "error.type" = Empty,
-            )
-        } else {
-            // No decision or error fields either: the log lines that matter (retry, dead
-            // letter, requeue) say what was decided themselves.
-            tracing::info_span!(
-                "process",
-                messaging.destination.name = meta.queue,
-                messaging.rabbitmq.message.delivery_tag = tag,
-                messaging.message.id = meta.message_id,
-                trace_id = Empty,
-            )
-        };
         let remote = extract_context(meta.headers);
-        // set_parent fails exactly when no OpenTelemetry layer took the span, which is the cheap
-        // way to learn whether we export at all.
-        let exporting = span.set_parent(remote.clone()).is_ok();
-        if exporting {
-            set_messaging_attributes(&span, meta);
-        }
-        let mut trace = MessageTrace {
-            span,
-            remote,
-            exporting,
-            trace_id: None,
+        let tracer = current_tracer();
+        let cx = match &tracer {
+            Some(tracer) => {
+                let span = tracer.build_with_context(process_span(meta), &remote);
+                remote.with_span(span)
+            }
+            None => remote,
         };
-        trace.trace_id =
-            valid_span_context(&trace.current_context()).map(|sc| sc.trace_id().to_string());
-        if let Some(id) = &trace.trace_id {
-            trace.span.record("trace_id", tracing::field::display(id));
+        let trace_id = valid_span_context(&cx).map(|sc| sc.trace_id().to_string());
+        // tracing turns u64 into a string for some subscribers; a tag never nears i64::MAX.
+        let tag = i64::try_from(meta.delivery_tag).ok();
+        let log_span = tracing::info_span!(
+            "process",
+            messaging.destination.name = meta.queue,
+            messaging.rabbitmq.message.delivery_tag = tag,
+            messaging.message.id = meta.message_id,
+            trace_id = Empty,
+        );
+        if let Some(id) = &trace_id {
+            log_span.record("trace_id", tracing::field::display(id));
         }
-        trace
+        MessageTrace {
+            log_span,
+            cx,
+            tracer,
+            trace_id,
+        }
     }
 
-    /// The process span; instrument the delivery's work with a clone of it.
+    /// The span for logs; instrument the delivery's work with a clone of it.
     pub fn span(&self) -> &tracing::Span {
-        &self.span
+        &self.log_span
     }
 
-    /// Whether spans of this delivery reach an OpenTelemetry exporter.
+    /// Whether spans of this delivery are built for an OpenTelemetry exporter (the sampler may
+    /// still drop them).
     pub fn exporting(&self) -> bool {
-        self.exporting
+        self.tracer.is_some()
     }
 
     /// The trace this delivery belongs to (32 lowercase hex digits), if it has one: always when
@@ -155,53 +176,53 @@ impl MessageTrace {
         self.trace_id.as_deref()
     }
 
-    /// A CLIENT span for the HTTP call to the app, child of the process span. Userinfo in `url`
-    /// is dropped from `url.full` so a credential never reaches a span or a log line.
-    pub fn dispatch_span(&self, method: &str, url: &hyper::Uri) -> tracing::Span {
-        // Without an exporter nobody reads this span, and creating it (the log layer formats
-        // its fields) was a measurable share of the per-message cost; the app still gets the
-        // producer's context from `inject_http`.
-        if !self.exporting {
-            return tracing::Span::none();
-        }
+    /// A CLIENT span for the HTTP call to the app, child of the process span; it ends when
+    /// dropped. Userinfo in `url` is dropped from `url.full` so a credential never reaches a span.
+    pub fn dispatch_span(&self, method: &'static str, url: &hyper::Uri) -> ClientSpan {
+        let Some(tracer) = &self.tracer else {
+            return ClientSpan { span: None };
+        };
         let host = url.host().unwrap_or("");
         let port = url.port_u16().unwrap_or(match url.scheme_str() {
             Some("https") => 443,
             _ => 80,
         });
-        let full = redacted_url(url);
-        tracing::info_span!(
-            parent: &self.span,
-            "http.client",
-            otel.name = method,
-            otel.kind = "client",
-            http.request.method = method,
-            server.address = host,
-            server.port = i64::from(port),
-            url.full = full.as_str(),
-            http.response.status_code = Empty,
-            "error.type" = Empty,
-        )
+        let builder = SpanBuilder::from_name(method)
+            .with_kind(SpanKind::Client)
+            .with_attributes([
+                KeyValue::new("http.request.method", method),
+                KeyValue::new("server.address", host.to_owned()),
+                KeyValue::new("server.port", i64::from(port)),
+                KeyValue::new("url.full", redacted_url(url)),
+            ]);
+        ClientSpan {
+            span: Some(tracer.build_with_context(builder, &self.cx)),
+        }
     }
 
     /// Writes `traceparent` (and `tracestate`) for the app: the CLIENT span's context when
     /// exporting, else the producer's context as it came. Stale values are removed first, and
     /// with no context at all nothing is written.
-    pub fn inject_http(&self, client_span: &tracing::Span, headers: &mut hyper::HeaderMap) {
+    pub fn inject_http(&self, client: &ClientSpan, headers: &mut hyper::HeaderMap) {
         headers.remove(TRACEPARENT);
         headers.remove(TRACESTATE);
-        let cx = if self.exporting {
-            client_span.context()
-        } else {
-            self.remote.clone()
+        let client_sc = client
+            .span
+            .as_ref()
+            .map(|s| s.span_context())
+            .filter(|sc| sc.is_valid());
+        let own_sc;
+        let sc = match client_sc {
+            Some(sc) => sc,
+            None => match valid_span_context(&self.cx) {
+                Some(sc) => {
+                    own_sc = sc;
+                    &own_sc
+                }
+                None => return,
+            },
         };
-        // A disabled client span has no context; the process span is the next best parent.
-        let Some(sc) =
-            valid_span_context(&cx).or_else(|| valid_span_context(&self.current_context()))
-        else {
-            return;
-        };
-        let (parent, state) = encode(&sc);
+        let (parent, state) = encode(sc);
         if let Ok(value) = hyper::header::HeaderValue::from_str(&parent) {
             headers.insert(TRACEPARENT, value);
         }
@@ -219,7 +240,7 @@ impl MessageTrace {
             !k.as_str().eq_ignore_ascii_case(TRACEPARENT)
                 && !k.as_str().eq_ignore_ascii_case(TRACESTATE)
         });
-        if let Some(sc) = valid_span_context(&self.current_context()) {
+        if let Some(sc) = valid_span_context(&self.cx) {
             let (parent, state) = encode(&sc);
             map.insert(
                 ShortString::from(TRACEPARENT),
@@ -235,75 +256,116 @@ impl MessageTrace {
         *headers = FieldTable::from(map);
     }
 
-    /// Records the message's fate (`ack`, `retry`, `dead_letter`, ...) as an attribute, a log
-    /// field and a span event, so a trace view shows when it was decided.
-    pub fn record_decision(&self, decision: &str) {
-        self.span.record(DECISION_KEY, decision);
-        if self.exporting {
-            self.span.add_event(
-                "decision",
-                vec![KeyValue::new(DECISION_KEY, decision.to_owned())],
-            );
+    /// Records the message's fate (`ack`, `retry`, `dead_letter`, ...) as an attribute and as a
+    /// span event, so a trace view shows when it was decided; `detail` (the app's error answer,
+    /// a timeout, ...) goes with the event when not empty.
+    pub fn record_decision(&self, decision: &'static str, detail: &str) {
+        if self.tracer.is_none() {
+            return;
+        }
+        let span = self.cx.span();
+        span.set_attribute(KeyValue::new(DECISION_KEY, decision));
+        let mut attributes = vec![KeyValue::new(DECISION_KEY, decision)];
+        if !detail.is_empty() {
+            attributes.push(KeyValue::new(DETAIL_KEY, detail.to_owned()));
+        }
+        span.add_event("decision", attributes);
+    }
+
+    /// Records something that went wrong after the decision (a copy the broker did not confirm,
+    /// an ack that could not be sent) as a span event.
+    pub fn record_event(&self, name: &'static str, detail: &str) {
+        if self.tracer.is_some() {
+            self.cx
+                .span()
+                .add_event(name, vec![KeyValue::new(DETAIL_KEY, detail.to_owned())]);
         }
     }
 
     /// Marks the delivery as failed: `error.type` (a low-cardinality class such as `timeout`)
     /// and an error status.
     pub fn record_error(&self, error_type: &str) {
-        mark_error(&self.span, error_type);
-    }
-
-    fn current_context(&self) -> Context {
-        if self.exporting {
-            self.span.context()
-        } else {
-            self.remote.clone()
+        if self.tracer.is_some() {
+            let span = self.cx.span();
+            span.set_attribute(KeyValue::new(ERROR_TYPE_KEY, error_type.to_owned()));
+            span.set_status(Status::error(error_type.to_owned()));
         }
     }
 }
 
-/// Records the app's HTTP status on a CLIENT span; 4xx and 5xx also mark it failed, with the
-/// status code as `error.type`, as the HTTP client conventions ask.
-pub fn record_http_status(span: &tracing::Span, status: u16) {
-    span.record("http.response.status_code", i64::from(status));
-    if status >= 400 {
-        mark_error(span, &status.to_string());
+/// The CLIENT span of one HTTP call to the app; nothing when not exporting. Ends when dropped.
+#[derive(Debug)]
+pub struct ClientSpan {
+    span: Option<SdkSpan>,
+}
+
+impl ClientSpan {
+    /// Records the app's HTTP status; 4xx and 5xx also mark the span failed, with the status
+    /// code as `error.type`, as the HTTP client conventions ask.
+    pub fn record_http_status(&mut self, status: u16) {
+        if let Some(span) = &mut self.span {
+            span.set_attribute(KeyValue::new(
+                "http.response.status_code",
+                i64::from(status),
+            ));
+        }
+        if status >= 400 {
+            self.record_error(&status.to_string());
+        }
+    }
+
+    /// Marks the span failed without a response (`timeout`, `connection_refused`, ...).
+    pub fn record_error(&mut self, error_type: &str) {
+        if let Some(span) = &mut self.span {
+            span.set_attribute(KeyValue::new(ERROR_TYPE_KEY, error_type.to_owned()));
+            span.set_status(Status::error(error_type.to_owned()));
+        }
     }
 }
 
-/// Marks a CLIENT span failed without a response (`timeout`, `connection_refused`, ...).
-pub fn record_client_error(span: &tracing::Span, error_type: &str) {
-    mark_error(span, error_type);
-}
-
-/// `set_status` is a no-op without an OpenTelemetry layer, so there is no need to ask first.
-fn mark_error(span: &tracing::Span, error_type: &str) {
-    span.record("error.type", error_type);
-    span.set_status(Status::error(error_type.to_owned()));
-}
-
-fn set_messaging_attributes(span: &tracing::Span, meta: &DeliveryMeta<'_>) {
-    span.set_attribute("messaging.system", "rabbitmq");
-    span.set_attribute("messaging.operation.type", "process");
-    span.set_attribute("messaging.operation.name", "process");
-    span.set_attribute(
-        "messaging.rabbitmq.destination.routing_key",
-        meta.routing_key.to_owned(),
-    );
+/// The CONSUMER span of a delivery, with the messaging attributes.
+fn process_span(meta: &DeliveryMeta<'_>) -> SpanBuilder {
+    let mut attributes = Vec::with_capacity(12);
+    attributes.extend([
+        KeyValue::new("messaging.system", "rabbitmq"),
+        KeyValue::new("messaging.operation.type", "process"),
+        KeyValue::new("messaging.operation.name", "process"),
+        KeyValue::new("messaging.destination.name", meta.queue.to_owned()),
+        KeyValue::new(
+            "messaging.rabbitmq.destination.routing_key",
+            meta.routing_key.to_owned(),
+        ),
+        KeyValue::new(
+            "messaging.rabbitmq.message.delivery_tag",
+            i64::try_from(meta.delivery_tag).unwrap_or(i64::MAX),
+        ),
+        KeyValue::new(
+            "messaging.message.body.size",
+            i64::try_from(meta.body_size).unwrap_or(i64::MAX),
+        ),
+        KeyValue::new("server.address", meta.server_address.to_owned()),
+        KeyValue::new("server.port", i64::from(meta.server_port)),
+    ]);
+    if let Some(id) = meta.message_id {
+        attributes.push(KeyValue::new("messaging.message.id", id.to_owned()));
+    }
+    if let Some(id) = meta.correlation_id {
+        attributes.push(KeyValue::new(
+            "messaging.message.conversation_id",
+            id.to_owned(),
+        ));
+    }
     if !meta.exchange.is_empty() {
         // Not a semconv attribute, but where the message came from is the first question asked
         // about a misrouted message; the default exchange ("") says nothing and is left out.
-        span.set_attribute("rabbit_sidecar.exchange", meta.exchange.to_owned());
+        attributes.push(KeyValue::new(
+            "rabbit_sidecar.exchange",
+            meta.exchange.to_owned(),
+        ));
     }
-    if let Some(id) = meta.correlation_id {
-        span.set_attribute("messaging.message.conversation_id", id.to_owned());
-    }
-    span.set_attribute(
-        "messaging.message.body.size",
-        i64::try_from(meta.body_size).unwrap_or(i64::MAX),
-    );
-    span.set_attribute("server.address", meta.server_address.to_owned());
-    span.set_attribute("server.port", i64::from(meta.server_port));
+    SpanBuilder::from_name(format!("process {}", meta.queue))
+        .with_kind(SpanKind::Consumer)
+        .with_attributes(attributes)
 }
 
 /// The producer's context from AMQP headers, or an empty context (so the span becomes a root)

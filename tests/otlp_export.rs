@@ -21,7 +21,7 @@ use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
 use prost::Message as _;
 use rabbit_sidecar::telemetry::{LogFormat, SHUTDOWN_GRACE, Telemetry};
-use rabbit_sidecar::trace::{DeliveryMeta, MessageTrace, record_http_status};
+use rabbit_sidecar::trace::{DeliveryMeta, MessageTrace};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
@@ -149,10 +149,10 @@ fn one_delivery() {
         headers: Some(&headers),
     });
     assert!(trace.exporting());
-    let call = trace.dispatch_span("POST", &"http://127.0.0.1:8080/in".parse().unwrap());
-    record_http_status(&call, 200);
+    let mut call = trace.dispatch_span("POST", &"http://127.0.0.1:8080/in".parse().unwrap());
+    call.record_http_status(200);
     drop(call);
-    trace.record_decision("ack");
+    trace.record_decision("ack", "");
 }
 
 fn hex(bytes: &[u8]) -> String {

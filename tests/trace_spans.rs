@@ -11,10 +11,7 @@ use opentelemetry::trace::{SpanId, SpanKind, Status, TraceId, TracerProvider as 
 use opentelemetry::{KeyValue, Value};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use rabbit_sidecar::telemetry::{LogFormat, Telemetry, otel_layer};
-use rabbit_sidecar::trace::{
-    DeliveryMeta, MessageTrace, extract_context, parse_traceparent, record_client_error,
-    record_http_status,
-};
+use rabbit_sidecar::trace::{DeliveryMeta, MessageTrace, extract_context, parse_traceparent};
 use tracing_subscriber::layer::SubscriberExt as _;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -102,7 +99,7 @@ fn process_span_continues_the_producer_trace_with_messaging_attributes() {
     let (trace_id, spans) = with_exporter(|| {
         let trace = MessageTrace::start(&meta(Some(&table)));
         assert!(trace.exporting());
-        trace.record_decision("dead_letter");
+        trace.record_decision("dead_letter", "HTTP 422: no such product");
         trace.record_error("http_422");
         trace.trace_id().map(str::to_owned)
     });
@@ -140,7 +137,6 @@ fn process_span_continues_the_producer_trace_with_messaging_attributes() {
     assert_eq!(int_attr(span, "messaging.message.body.size"), 123);
     assert_eq!(str_attr(span, "server.address"), "rabbit-1");
     assert_eq!(int_attr(span, "server.port"), 5672);
-    assert_eq!(str_attr(span, "trace_id"), TRACE_ID);
     assert_eq!(str_attr(span, "rabbit_sidecar.decision"), "dead_letter");
     assert_eq!(str_attr(span, "error.type"), "http_422");
     assert_eq!(span.status, Status::error("http_422"));
@@ -151,7 +147,10 @@ fn process_span_continues_the_producer_trace_with_messaging_attributes() {
         .expect("decision event");
     assert_eq!(
         event.attributes,
-        vec![KeyValue::new("rabbit_sidecar.decision", "dead_letter")]
+        vec![
+            KeyValue::new("rabbit_sidecar.decision", "dead_letter"),
+            KeyValue::new("rabbit_sidecar.detail", "HTTP 422: no such product"),
+        ]
     );
     // The tracestate travels with the parent into the span's own context.
     assert_eq!(span.span_context.trace_state().header(), "vendor=abc");
@@ -159,12 +158,13 @@ fn process_span_continues_the_producer_trace_with_messaging_attributes() {
 
 #[test]
 fn successful_delivery_has_no_error_and_optional_ids_are_absent() {
-    let (_, spans) = with_exporter(|| {
+    let (trace_id, spans) = with_exporter(|| {
         let mut m = meta(None);
         m.message_id = None;
         m.correlation_id = None;
         let trace = MessageTrace::start(&m);
-        trace.record_decision("ack");
+        trace.record_decision("ack", "");
+        trace.trace_id().map(str::to_owned)
     });
     let span = find(&spans, "process orders");
     assert_eq!(
@@ -177,11 +177,14 @@ fn successful_delivery_has_no_error_and_optional_ids_are_absent() {
     assert!(attr(span, "messaging.message.id").is_none());
     assert!(attr(span, "messaging.message.conversation_id").is_none());
     assert_eq!(str_attr(span, "rabbit_sidecar.decision"), "ack");
-    // A fresh root still has a trace id for the logs.
+    let event = span.events.iter().find(|e| e.name == "decision").unwrap();
     assert_eq!(
-        str_attr(span, "trace_id"),
-        span.span_context.trace_id().to_string()
+        event.attributes,
+        vec![KeyValue::new("rabbit_sidecar.decision", "ack")],
+        "no empty detail"
     );
+    // A fresh root still has a trace id for the logs.
+    assert_eq!(trace_id, Some(span.span_context.trace_id().to_string()));
 }
 
 #[test]
@@ -195,12 +198,12 @@ fn client_span_is_a_child_and_the_app_gets_its_traceparent() {
         let uri: hyper::Uri = "http://user:secret@127.0.0.1:8080/messages?x=1"
             .parse()
             .unwrap();
-        let call = trace.dispatch_span("POST", &uri);
+        let mut call = trace.dispatch_span("POST", &uri);
         let mut sent = HeaderMap::new();
         // A stale value from elsewhere must not reach the app.
         sent.insert("tracestate", "stale=1".parse().unwrap());
         trace.inject_http(&call, &mut sent);
-        record_http_status(&call, 503);
+        call.record_http_status(503);
         sent
     });
 
@@ -236,12 +239,11 @@ fn client_span_is_a_child_and_the_app_gets_its_traceparent() {
 fn client_errors_without_a_response_are_recorded() {
     let (_, spans) = with_exporter(|| {
         let trace = MessageTrace::start(&meta(None));
-        let call = trace.dispatch_span("POST", &"http://localhost/x".parse().unwrap());
-        record_client_error(&call, "timeout");
-        record_http_status(
-            &trace.dispatch_span("POST", &"https://app/y".parse().unwrap()),
-            200,
-        );
+        let mut call = trace.dispatch_span("POST", &"http://localhost/x".parse().unwrap());
+        call.record_error("timeout");
+        trace
+            .dispatch_span("POST", &"https://app/y".parse().unwrap())
+            .record_http_status(200);
     });
     let clients: Vec<_> = spans.iter().filter(|s| s.name == "POST").collect();
     assert_eq!(clients.len(), 2);
@@ -505,8 +507,6 @@ fn log_inside_a_delivery(format: LogFormat) -> String {
         let trace = MessageTrace::start(&meta(Some(&table)));
         // As the consumer does: the delivery's work runs inside its process span.
         let _process = trace.span().enter();
-        let call = trace.dispatch_span("POST", &"http://127.0.0.1:1/".parse().unwrap());
-        let _guard = call.enter();
         tracing::info!("calling the app");
     });
     captured.text()
