@@ -1,5 +1,6 @@
 //! Text encodings the sidecar needs for the few URLs and headers it builds itself (management API
-//! paths, Kubernetes label selectors, basic auth). A leaf: small enough not to pull in a crate.
+//! paths, Kubernetes label selectors, basic auth, OTLP export headers). A leaf: small enough not
+//! to pull in a crate.
 
 /// Percent-encodes everything but RFC 3986 unreserved characters, so the result is one path
 /// segment or query value whatever the input holds.
@@ -13,6 +14,28 @@ pub fn percent_encode(s: &str) -> String {
         }
     }
     out
+}
+
+/// Decodes `%XX` escapes (as in `OTEL_EXPORTER_OTLP_HEADERS` values); `None` when a `%` is not
+/// followed by two hex digits.
+pub fn percent_decode(s: &str) -> Option<Vec<u8>> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Some(out)
 }
 
 /// Standard base64 with padding (for `Authorization: Basic`).
@@ -51,5 +74,13 @@ mod tests {
             percent_encode("app=web,tier!=db"),
             "app%3Dweb%2Ctier%21%3Ddb"
         );
+        assert_eq!(percent_decode("a%20b%2fc").unwrap(), b"a b/c");
+        assert_eq!(
+            percent_decode(&percent_encode("k=v, ü")).unwrap(),
+            "k=v, ü".as_bytes()
+        );
+        assert!(percent_decode("50%").is_none());
+        assert!(percent_decode("%zz").is_none());
+        assert!(percent_decode("%+1").is_none());
     }
 }

@@ -22,6 +22,7 @@ pub mod health;
 pub mod management;
 pub mod metrics;
 pub mod monitor;
+pub mod otlp;
 pub mod policy;
 pub mod remediate;
 pub mod run;

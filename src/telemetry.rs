@@ -14,6 +14,7 @@
 //! | `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG` | sampler (default `parentbased_always_on`) |
 //! | `OTEL_TRACES_EXPORTER` | `otlp` (default) or `none` |
 //! | `OTEL_SDK_DISABLED` | `true` turns export off |
+//! | `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS` | `key=value,...` sent with every export (values percent-encoded) |
 //! | `OTEL_BSP_SCHEDULE_DELAY` | longest wait of a partly filled batch, milliseconds (default 5000) |
 //! | `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` | spans per export request (default 512) |
 //! | `OTEL_BSP_MAX_QUEUE_SIZE` | spans that may wait for export before new ones are dropped (default 2048) |
@@ -22,8 +23,10 @@
 //! With no endpoint no tracer is installed at all, so a delivery costs one lean `tracing` span
 //! and nothing more; [`crate::trace`] still hands the producer's context on. A bad value is an
 //! error naming the variable, so a typo fails at start rather than silently losing traces.
-//! (`OTEL_EXPORTER_OTLP_HEADERS` is read by the exporter itself, from the process environment.)
-//! Finished spans are batched by [`crate::span_batch`].
+//!
+//! Finished spans are batched by [`crate::span_batch`] and, for http/protobuf, encoded and sent
+//! by [`crate::otlp`]; gRPC export uses the OTLP exporter crate, which reads the headers
+//! variables from the process environment itself.
 //!
 //! Export runs on the tokio runtime (batch task, tonic or hyper without TLS or proxies), so
 //! [`Telemetry::init`] must be called inside the runtime, and [`Telemetry::shutdown`] awaited
@@ -45,6 +48,7 @@ use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 use tracing::Subscriber;
 
+use crate::otlp::{HttpExporter, parse_headers};
 use crate::span_batch::{BatchConfig, SpanBatcher};
 use tracing_subscriber::filter::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
@@ -275,6 +279,9 @@ struct ExportConfig {
     service_name: String,
     sampler: Sampler,
     batch: BatchConfig,
+    /// `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS`, for http/protobuf (the gRPC exporter reads them
+    /// from the process environment itself).
+    headers: hyper::HeaderMap,
 }
 
 impl ExportConfig {
@@ -353,25 +360,33 @@ impl ExportConfig {
                 .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_owned()),
             sampler: sampler_from_env(env)?,
             batch: batch_from_env(env, timeout)?,
+            headers: headers_from_env(env)?,
         }))
     }
 
     fn into_provider(self) -> Result<SdkTracerProvider, TelemetryError> {
-        let exporter = match self.protocol {
-            Protocol::Grpc => SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(self.endpoint)
-                .with_timeout(self.timeout)
-                .build()?,
-            _ => SpanExporter::builder()
-                .with_http()
-                .with_protocol(Protocol::HttpBinary)
-                .with_endpoint(self.endpoint)
-                .with_timeout(self.timeout)
-                .build()?,
+        let processor = match self.protocol {
+            Protocol::Grpc => SpanBatcher::new(
+                SpanExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(self.endpoint)
+                    .with_timeout(self.timeout)
+                    .build()?,
+                self.batch,
+            ),
+            _ => SpanBatcher::new(
+                HttpExporter::new(
+                    self.endpoint
+                        .parse()
+                        .expect("checked by check_url when it was read"),
+                    self.headers,
+                    self.timeout,
+                ),
+                self.batch,
+            ),
         };
         Ok(SdkTracerProvider::builder()
-            .with_span_processor(SpanBatcher::new(exporter, self.batch))
+            .with_span_processor(processor)
             .with_sampler(self.sampler)
             .with_resource(
                 Resource::builder_empty()
@@ -420,6 +435,27 @@ fn sampler_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Sampler, Tel
             ));
         }
     })
+}
+
+/// `OTEL_EXPORTER_OTLP_HEADERS`, with `OTEL_EXPORTER_OTLP_TRACES_HEADERS` winning per key.
+fn headers_from_env(
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<hyper::HeaderMap, TelemetryError> {
+    let mut headers = hyper::HeaderMap::new();
+    for var in [
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+    ] {
+        if let Some(spec) = env(var) {
+            let parsed =
+                parse_headers(&spec).map_err(|problem| TelemetryError::Invalid { var, problem })?;
+            for name in parsed.keys() {
+                headers.remove(name);
+            }
+            headers.extend(parsed);
+        }
+    }
+    Ok(headers)
 }
 
 /// The `OTEL_BSP_*` variables; the export timeout defaults to the exporter's.

@@ -21,7 +21,7 @@ use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
 use prost::Message as _;
 use rabbit_sidecar::telemetry::{LogFormat, SHUTDOWN_GRACE, Telemetry};
-use rabbit_sidecar::trace::{DeliveryMeta, MessageTrace};
+use rabbit_sidecar::trace::{DeliveryMeta, HttpTarget, MessageTrace};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
@@ -33,6 +33,7 @@ const GRPC_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Ex
 struct Export {
     path: String,
     grpc: bool,
+    headers: HeaderMap,
     request: ExportTraceServiceRequest,
 }
 
@@ -88,6 +89,7 @@ async fn answer(
     tx: mpsc::UnboundedSender<Export>,
 ) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
     let path = req.uri().path().to_owned();
+    let headers = req.headers().clone();
     let grpc = req
         .headers()
         .get(hyper::header::CONTENT_TYPE)
@@ -99,6 +101,7 @@ async fn answer(
     let _ = tx.send(Export {
         path,
         grpc,
+        headers,
         request,
     });
     let reply = ExportTraceServiceResponse::default().encode_to_vec();
@@ -149,7 +152,10 @@ fn one_delivery() {
         headers: Some(&headers),
     });
     assert!(trace.exporting());
-    let mut call = trace.dispatch_span("POST", &"http://127.0.0.1:8080/in".parse().unwrap());
+    let mut call = trace.dispatch_span(&HttpTarget::new(
+        "POST",
+        &"http://127.0.0.1:8080/in".parse().unwrap(),
+    ));
     call.record_http_status(200);
     drop(call);
     trace.record_decision("ack", "");
@@ -200,6 +206,14 @@ async fn http_protobuf_export_reaches_the_collector_on_shutdown() {
         ),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()),
         ("OTEL_SERVICE_NAME", "orders-sidecar".to_owned()),
+        (
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "api-key=generic,x-tenant=a%20b".to_owned(),
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+            "api-key=traces".to_owned(),
+        ),
     ]);
     // The one test in this binary that installs the global subscriber, as main does.
     let telemetry = Telemetry::init_with_env(LogFormat::Json, &env).unwrap();
@@ -209,6 +223,13 @@ async fn http_protobuf_export_reaches_the_collector_on_shutdown() {
 
     let (exports, spans) = collector.spans().await;
     assert!(exports.iter().all(|e| e.path == "/v1/traces" && !e.grpc));
+    for e in &exports {
+        assert_eq!(e.headers["content-type"], "application/x-protobuf");
+        // The traces-specific variable wins per key; percent-encoded values are decoded.
+        let keys: Vec<_> = e.headers.get_all("api-key").iter().collect();
+        assert_eq!(keys, ["traces"]);
+        assert_eq!(e.headers["x-tenant"], "a b");
+    }
     assert_delivery_exported(&exports, &spans, "orders-sidecar");
 }
 

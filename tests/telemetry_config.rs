@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use hyper::HeaderMap;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use rabbit_sidecar::telemetry::{LogFormat, Telemetry, TelemetryError};
-use rabbit_sidecar::trace::{DeliveryMeta, MessageTrace};
+use rabbit_sidecar::trace::{DeliveryMeta, HttpTarget, MessageTrace};
 
 /// Nothing listens here: building an exporter connects lazily, and these tests never flush.
 const NOWHERE: &str = "http://127.0.0.1:9";
@@ -128,6 +128,34 @@ fn bad_values_name_their_variable() {
             ][..],
             "OTEL_TRACES_SAMPLER_ARG",
         ),
+        (
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", NOWHERE),
+                ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
+            ][..],
+            "OTEL_BSP_MAX_QUEUE_SIZE",
+        ),
+        (
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", NOWHERE),
+                ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "many"),
+            ][..],
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+        ),
+        (
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", NOWHERE),
+                ("OTEL_BSP_SCHEDULE_DELAY", "5s"),
+            ][..],
+            "OTEL_BSP_SCHEDULE_DELAY",
+        ),
+        (
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", NOWHERE),
+                ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "authorization"),
+            ][..],
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+        ),
         (&[("OTEL_SDK_DISABLED", "yes")][..], "OTEL_SDK_DISABLED"),
         (
             &[("OTEL_TRACES_EXPORTER", "jaeger")][..],
@@ -171,7 +199,10 @@ fn flags_sent_to_app(sampler: &str) -> String {
             server_port: 5672,
             headers: Some(&headers),
         });
-        let call = trace.dispatch_span("POST", &"http://127.0.0.1:1/".parse().unwrap());
+        let call = trace.dispatch_span(&HttpTarget::new(
+            "POST",
+            &"http://127.0.0.1:1/".parse().unwrap(),
+        ));
         let mut sent = HeaderMap::new();
         trace.inject_http(&call, &mut sent);
         sent
