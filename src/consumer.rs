@@ -50,7 +50,7 @@ use crate::health::{Health, State};
 use crate::metrics::{CancelReason, Metrics, QueueSeries};
 use crate::policy::{self, DeadLetterReason, Decision, Limits, Outcome};
 use crate::topology::{self, QueueSpec};
-use crate::trace::{DeliveryMeta, MessageTrace};
+use crate::trace::{DeliveryMeta, HttpTarget, MessageTrace};
 
 /// How long a copy may wait for the broker's confirm (a blocked connection waits here).
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
@@ -217,6 +217,7 @@ async fn consume_session(
         publisher,
         consuming: channel.clone(),
         series: shared.metrics.queue_series(sub.queue()),
+        http_target: HttpTarget::new("POST", sub.dispatcher.target()),
     });
     let queue = sub.queue();
     let mut consumer_number = 0u32;
@@ -356,6 +357,8 @@ struct Ctx {
     /// handle would close it and requeue the message.
     consuming: Channel,
     series: QueueSeries,
+    /// The CLIENT span attributes of calls to the app.
+    http_target: HttpTarget,
 }
 
 /// Takes deliveries off the consumer as they come (so health sees every message the broker
@@ -641,7 +644,7 @@ async fn process(ctx: &Ctx, message: InHand<'_>) -> bool {
         attempt,
         properties: props,
     });
-    let mut client_span = trace.dispatch_span("POST", sub.dispatcher.target());
+    let mut client_span = trace.dispatch_span(&ctx.http_target);
     trace.inject_http(&client_span, &mut http_headers);
 
     shared.health.dispatch_started(queue, id);

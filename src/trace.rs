@@ -6,7 +6,7 @@
 //! ```text
 //! let trace = MessageTrace::start(&DeliveryMeta { .. });      // CONSUMER span "process {queue}"
 //! async { .. }.instrument(trace.span().clone())               // logs inside carry trace_id
-//!   let mut call = trace.dispatch_span("POST", &uri);         // CLIENT span "POST", child of it
+//!   let mut call = trace.dispatch_span(&target);              // CLIENT span "POST", child of it
 //!   trace.inject_http(&call, request.headers_mut());          // app sees traceparent/tracestate
 //!   call.record_http_status(503)  or  call.record_error("timeout");
 //!   drop(call);                                               // the CLIENT span ends
@@ -56,7 +56,6 @@ use opentelemetry::trace::{
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::trace::{SdkTracer, Span as SdkSpan};
-use tracing::field::Empty;
 use tracing_subscriber::Layer;
 use tracing_subscriber::filter::{FilterFn, Filtered};
 
@@ -138,19 +137,17 @@ impl MessageTrace {
             }
             None => remote,
         };
-        let trace_id = valid_span_context(&cx).map(|sc| sc.trace_id().to_string());
+        let trace_id = valid_span_context(&cx).map(|sc| trace_id_hex(sc.trace_id()));
         // tracing turns u64 into a string for some subscribers; a tag never nears i64::MAX.
         let tag = i64::try_from(meta.delivery_tag).ok();
+        // All fields at once: recording one later makes the log layer format them again.
         let log_span = tracing::info_span!(
             "process",
             messaging.destination.name = meta.queue,
             messaging.rabbitmq.message.delivery_tag = tag,
             messaging.message.id = meta.message_id,
-            trace_id = Empty,
+            trace_id = trace_id.as_deref().map(tracing::field::display),
         );
-        if let Some(id) = &trace_id {
-            log_span.record("trace_id", tracing::field::display(id));
-        }
         MessageTrace {
             log_span,
             cx,
@@ -176,25 +173,15 @@ impl MessageTrace {
         self.trace_id.as_deref()
     }
 
-    /// A CLIENT span for the HTTP call to the app, child of the process span; it ends when
-    /// dropped. Userinfo in `url` is dropped from `url.full` so a credential never reaches a span.
-    pub fn dispatch_span(&self, method: &'static str, url: &hyper::Uri) -> ClientSpan {
+    /// A CLIENT span for an HTTP call to the app, child of the process span; it ends when
+    /// dropped.
+    pub fn dispatch_span(&self, target: &HttpTarget) -> ClientSpan {
         let Some(tracer) = &self.tracer else {
             return ClientSpan { span: None };
         };
-        let host = url.host().unwrap_or("");
-        let port = url.port_u16().unwrap_or(match url.scheme_str() {
-            Some("https") => 443,
-            _ => 80,
-        });
-        let builder = SpanBuilder::from_name(method)
+        let builder = SpanBuilder::from_name(target.method)
             .with_kind(SpanKind::Client)
-            .with_attributes([
-                KeyValue::new("http.request.method", method),
-                KeyValue::new("server.address", host.to_owned()),
-                KeyValue::new("server.port", i64::from(port)),
-                KeyValue::new("url.full", redacted_url(url)),
-            ]);
+            .with_attributes(target.attributes.iter().cloned());
         ClientSpan {
             span: Some(tracer.build_with_context(builder, &self.cx)),
         }
@@ -293,6 +280,35 @@ impl MessageTrace {
     }
 }
 
+/// What every CLIENT span to one URL carries, worked out once rather than per message (the
+/// attribute strings are shared, not copied). Userinfo in the URL is dropped from `url.full` so a
+/// credential never reaches a span.
+#[derive(Debug, Clone)]
+pub struct HttpTarget {
+    method: &'static str,
+    attributes: Vec<KeyValue>,
+}
+
+impl HttpTarget {
+    pub fn new(method: &'static str, url: &hyper::Uri) -> HttpTarget {
+        let host = url.host().unwrap_or("");
+        let port = url.port_u16().unwrap_or(match url.scheme_str() {
+            Some("https") => 443,
+            _ => 80,
+        });
+        let shared = |s: &str| opentelemetry::StringValue::from(Arc::<str>::from(s));
+        HttpTarget {
+            method,
+            attributes: vec![
+                KeyValue::new("http.request.method", method),
+                KeyValue::new("server.address", shared(host)),
+                KeyValue::new("server.port", i64::from(port)),
+                KeyValue::new("url.full", shared(&redacted_url(url))),
+            ],
+        }
+    }
+}
+
 /// The CLIENT span of one HTTP call to the app; nothing when not exporting. Ends when dropped.
 #[derive(Debug)]
 pub struct ClientSpan {
@@ -363,7 +379,10 @@ fn process_span(meta: &DeliveryMeta<'_>) -> SpanBuilder {
             meta.exchange.to_owned(),
         ));
     }
-    SpanBuilder::from_name(format!("process {}", meta.queue))
+    let mut name = String::with_capacity(8 + meta.queue.len());
+    name.push_str("process ");
+    name.push_str(meta.queue);
+    SpanBuilder::from_name(name)
         .with_kind(SpanKind::Consumer)
         .with_attributes(attributes)
 }
@@ -436,14 +455,32 @@ fn valid_span_context(cx: &Context) -> Option<SpanContext> {
 }
 
 fn encode(sc: &SpanContext) -> (String, Option<String>) {
-    let parent = format!(
-        "00-{}-{}-{:02x}",
-        sc.trace_id(),
-        sc.span_id(),
-        sc.trace_flags().to_u8()
-    );
+    // Written by hand: this runs for every message, and `format!` with the ids' Display was
+    // several times slower.
+    let mut parent = String::with_capacity(55);
+    parent.push_str("00-");
+    push_hex(&mut parent, &sc.trace_id().to_bytes());
+    parent.push('-');
+    push_hex(&mut parent, &sc.span_id().to_bytes());
+    parent.push('-');
+    push_hex(&mut parent, &[sc.trace_flags().to_u8()]);
     let state = sc.trace_state().header();
     (parent, (!state.is_empty()).then_some(state))
+}
+
+/// Lowercase hex, as W3C trace context and OTLP logs want ids.
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+}
+
+fn trace_id_hex(id: TraceId) -> String {
+    let mut out = String::with_capacity(32);
+    push_hex(&mut out, &id.to_bytes());
+    out
 }
 
 fn redacted_url(url: &hyper::Uri) -> String {

@@ -11,7 +11,9 @@ use opentelemetry::trace::{SpanId, SpanKind, Status, TraceId, TracerProvider as 
 use opentelemetry::{KeyValue, Value};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use rabbit_sidecar::telemetry::{LogFormat, Telemetry, otel_layer};
-use rabbit_sidecar::trace::{DeliveryMeta, MessageTrace, extract_context, parse_traceparent};
+use rabbit_sidecar::trace::{
+    DeliveryMeta, HttpTarget, MessageTrace, extract_context, parse_traceparent,
+};
 use tracing_subscriber::layer::SubscriberExt as _;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -198,7 +200,7 @@ fn client_span_is_a_child_and_the_app_gets_its_traceparent() {
         let uri: hyper::Uri = "http://user:secret@127.0.0.1:8080/messages?x=1"
             .parse()
             .unwrap();
-        let mut call = trace.dispatch_span("POST", &uri);
+        let mut call = trace.dispatch_span(&HttpTarget::new("POST", &uri));
         let mut sent = HeaderMap::new();
         // A stale value from elsewhere must not reach the app.
         sent.insert("tracestate", "stale=1".parse().unwrap());
@@ -239,10 +241,13 @@ fn client_span_is_a_child_and_the_app_gets_its_traceparent() {
 fn client_errors_without_a_response_are_recorded() {
     let (_, spans) = with_exporter(|| {
         let trace = MessageTrace::start(&meta(None));
-        let mut call = trace.dispatch_span("POST", &"http://localhost/x".parse().unwrap());
+        let mut call = trace.dispatch_span(&HttpTarget::new(
+            "POST",
+            &"http://localhost/x".parse().unwrap(),
+        ));
         call.record_error("timeout");
         trace
-            .dispatch_span("POST", &"https://app/y".parse().unwrap())
+            .dispatch_span(&HttpTarget::new("POST", &"https://app/y".parse().unwrap()))
             .record_http_status(200);
     });
     let clients: Vec<_> = spans.iter().filter(|s| s.name == "POST").collect();
@@ -369,7 +374,10 @@ fn garbage_traceparents_start_a_fresh_root_without_panicking() {
         ]);
         let ((trace_id, sent), spans) = with_exporter(|| {
             let trace = MessageTrace::start(&meta(Some(&table)));
-            let call = trace.dispatch_span("POST", &"http://127.0.0.1:1/".parse().unwrap());
+            let call = trace.dispatch_span(&HttpTarget::new(
+                "POST",
+                &"http://127.0.0.1:1/".parse().unwrap(),
+            ));
             let mut sent = HeaderMap::new();
             trace.inject_http(&call, &mut sent);
             (trace.trace_id().map(str::to_owned), sent)
@@ -404,7 +412,10 @@ fn garbage_without_an_exporter_propagates_nothing() {
         let trace = MessageTrace::start(&meta(Some(&table)));
         assert!(!trace.exporting());
         assert_eq!(trace.trace_id(), None, "{value:?}");
-        let call = trace.dispatch_span("POST", &"http://127.0.0.1:1/".parse().unwrap());
+        let call = trace.dispatch_span(&HttpTarget::new(
+            "POST",
+            &"http://127.0.0.1:1/".parse().unwrap(),
+        ));
         let mut sent = HeaderMap::new();
         sent.insert("traceparent", "00-stale".parse().unwrap());
         trace.inject_http(&call, &mut sent);
@@ -425,7 +436,10 @@ fn without_an_exporter_the_producer_context_goes_to_the_app_unchanged() {
     let trace = MessageTrace::start(&meta(Some(&table)));
     assert!(!trace.exporting());
     assert_eq!(trace.trace_id(), Some(TRACE_ID));
-    let call = trace.dispatch_span("POST", &"http://127.0.0.1:9/".parse().unwrap());
+    let call = trace.dispatch_span(&HttpTarget::new(
+        "POST",
+        &"http://127.0.0.1:9/".parse().unwrap(),
+    ));
     let mut sent = HeaderMap::new();
     trace.inject_http(&call, &mut sent);
     assert_eq!(header(&sent, "traceparent").as_deref(), Some(TRACEPARENT));
@@ -444,7 +458,10 @@ fn unsampled_parent_stays_unsampled() {
     let table = headers(vec![("traceparent", long(unsampled))]);
     let (sent, spans) = with_exporter(|| {
         let trace = MessageTrace::start(&meta(Some(&table)));
-        let call = trace.dispatch_span("POST", &"http://127.0.0.1:1/".parse().unwrap());
+        let call = trace.dispatch_span(&HttpTarget::new(
+            "POST",
+            &"http://127.0.0.1:1/".parse().unwrap(),
+        ));
         let mut sent = HeaderMap::new();
         trace.inject_http(&call, &mut sent);
         sent
