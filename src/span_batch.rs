@@ -9,7 +9,8 @@
 //! has passed, or to flush.
 //!
 //! Bounded like the SDK's: at most `max_queue_size` spans wait (full batches queued for export
-//! plus the one being filled); beyond that spans are dropped and counted, never blocking a
+//! plus the one being filled; at least one full batch may queue, so a queue smaller than two
+//! batches holds up to two); beyond that spans are dropped and counted, never blocking a
 //! message. Exports run one at a time, each cut off after `export_timeout`.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -156,8 +157,9 @@ impl SpanProcessor for SpanBatcher {
         if self.shut_down.load(Ordering::Relaxed) {
             return Err(OTelSdkError::AlreadyShutdown);
         }
-        // Every queued batch may need its own export.
-        let queued = u32::try_from(self.full.max_capacity() + 1).unwrap_or(u32::MAX);
+        // The export in progress, every queued batch and the one being filled may each need
+        // a whole export timeout.
+        let queued = u32::try_from(self.full.max_capacity() + 2).unwrap_or(u32::MAX);
         self.ask(Control::Flush, self.export_timeout.saturating_mul(queued))
     }
 
@@ -193,7 +195,9 @@ struct ExportTask<E> {
 
 impl<E: SpanExporter> ExportTask<E> {
     async fn run(mut self) {
-        let mut tick = tokio::time::interval(self.config.scheduled_delay);
+        // A zero delay (allowed by the variable) means "as soon as possible", not "never".
+        let period = self.config.scheduled_delay.max(Duration::from_millis(1));
+        let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
