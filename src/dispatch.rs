@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::header::HeaderMap;
+use hyper::header::{HOST, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -37,6 +37,9 @@ pub struct Answer {
 pub struct Dispatcher {
     client: Client<HttpConnector, Full<Bytes>>,
     target: Uri,
+    /// The `Host` header of every request, worked out once (the client would format it anew
+    /// for each one).
+    host: Option<HeaderValue>,
     timeout: Duration,
     probe: Prober,
 }
@@ -45,9 +48,17 @@ impl Dispatcher {
     pub fn new(target: Uri, timeout: Duration, health_url: Option<Uri>) -> Self {
         let client = app_client();
         let probe = Prober::with_client(target.clone(), health_url, client.clone());
+        let host = target.host().and_then(|h| {
+            let value = match target.port() {
+                Some(port) if Some(port.as_u16()) != default_port(&target) => format!("{h}:{port}"),
+                _ => h.to_owned(),
+            };
+            HeaderValue::from_str(&value).ok()
+        });
         Dispatcher {
             client,
             target,
+            host,
             timeout,
             probe,
         }
@@ -70,6 +81,9 @@ impl Dispatcher {
             .body(Full::new(body))
             .expect("a valid URI and method always build a request");
         *request.headers_mut() = headers;
+        if let Some(host) = &self.host {
+            request.headers_mut().insert(HOST, host.clone());
+        }
         let call = async {
             match self.client.request(request).await {
                 Ok(response) => {
@@ -117,6 +131,14 @@ impl Dispatcher {
             elapsed: started.elapsed(),
             detail,
         }
+    }
+}
+
+fn default_port(uri: &Uri) -> Option<u16> {
+    match uri.scheme_str() {
+        Some("http") => Some(80),
+        Some("https") => Some(443),
+        _ => None,
     }
 }
 

@@ -38,6 +38,8 @@ async fn acks_on_2xx_and_maps_headers() {
     assert_eq!(r.header("x-amqp-attempt"), Some("1"));
     assert_eq!(r.header("x-amqp-queue"), Some(queue.as_str()));
     assert!(r.header("x-amqp-message-id").unwrap().starts_with("m-"));
+    // Host as the client would write it: the target's host and its non-default port.
+    assert_eq!(r.header("host"), Some(app.addr.to_string().as_str()));
     assert!(
         sidecar
             .wait_metric(
