@@ -18,6 +18,16 @@ if ! rabbitmqctl -q status >/dev/null 2>&1; then
 fi
 rabbitmqctl -q start_app >/dev/null 2>&1 || true
 rabbitmqctl await_startup --timeout 120 >/dev/null
+# RabbitMQ 3.10 can lose the supervisor of quorum queues' at-least-once dead-lettering when such
+# queues are deleted around a stop_app/start_app (seen after the benchmark's broker-restart
+# scenario): from then on every declaration of a quorum queue with a dead-letter target fails
+# with INTERNAL_ERROR. Restarting the broker app brings the supervisor back.
+if [ "$(rabbitmqctl eval 'is_pid(whereis(rabbit_fifo_dlx_sup)).' 2>/dev/null)" = "false" ]; then
+  echo "RabbitMQ lost its quorum dead-letter supervisor: restarting the broker app"
+  rabbitmqctl -q stop_app >/dev/null
+  rabbitmqctl -q start_app >/dev/null
+  rabbitmqctl await_startup --timeout 120 >/dev/null
+fi
 # The management API is how the sidecar tells active from standby (--management-url); a test
 # covers it. Enabling an enabled plugin is a no-op.
 rabbitmq-plugins enable --quiet rabbitmq_management >/dev/null
