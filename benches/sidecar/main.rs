@@ -4,7 +4,7 @@
 //! ```text
 //! cargo bench --bench sidecar -- [--quick | --full | --soak] [--json FILE]
 //!     [--queue-type quorum|classic] [--messages N] [--broker-restart auto|always|never]
-//!     [--repeat ROUNDS] [--soak-messages N] [--soak-rate PER_SECOND]
+//!     [--repeat ROUNDS] [--concurrency C] [--soak-messages N] [--soak-rate PER_SECOND]
 //! ```
 //!
 //! Needs RabbitMQ on 127.0.0.1:5672 (guest/guest). Every queue is unique and deleted afterwards;
@@ -61,6 +61,8 @@ struct Opts {
     soak_messages: usize,
     soak_rate: f64,
     repeat: usize,
+    /// Quick mode's concurrency (default 16).
+    concurrency: Option<usize>,
     list_only: bool,
 }
 
@@ -74,6 +76,7 @@ fn parse_args() -> Result<Opts, String> {
         soak_messages: 1_000_000,
         soak_rate: 2_000.0,
         repeat: 0,
+        concurrency: None,
         list_only: false,
     };
     let mut args = std::env::args().skip(1);
@@ -109,6 +112,15 @@ fn parse_args() -> Result<Opts, String> {
                 }
             }
             "--repeat" => o.repeat = value("--repeat")?.parse().map_err(|_| "--repeat")?,
+            "--concurrency" => {
+                o.concurrency = Some(
+                    value("--concurrency")?
+                        .parse()
+                        .ok()
+                        .filter(|c| *c > 0)
+                        .ok_or("--concurrency: a whole number above zero")?,
+                )
+            }
             "--soak-messages" => {
                 o.soak_messages = value("--soak-messages")?
                     .parse()
@@ -421,10 +433,11 @@ fn add_ratios(results: &mut [CaseResult]) {
     }
 }
 
-fn cases(mode: Mode, messages: Option<usize>) -> Vec<Case> {
+fn cases(mode: Mode, messages: Option<usize>, quick_concurrency: Option<usize>) -> Vec<Case> {
     let mut out = Vec::new();
+    let quick = [quick_concurrency.unwrap_or(16)];
     let (sizes, concurrencies): (&[usize], &[usize]) = match mode {
-        Mode::Quick => (&[256], &[16]),
+        Mode::Quick => (&[256], &quick),
         _ => (&[256, 16 * 1024], &[1, 16, 64]),
     };
     for &size in sizes {
@@ -832,7 +845,7 @@ async fn run(opts: Opts) -> Result<(), String> {
     } else {
         // Rounds run every case in turn, so a burst of noise from elsewhere on the machine hits
         // one round of many cases rather than every round of one case.
-        let cases = cases(opts.mode, opts.messages);
+        let cases = cases(opts.mode, opts.messages, opts.concurrency);
         let mut rounds: Vec<Vec<CaseResult>> = vec![Vec::new(); cases.len()];
         for round in 1..=opts.repeat {
             for (i, case) in cases.iter().enumerate() {
