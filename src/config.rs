@@ -352,7 +352,7 @@ pub const KEYS: &[Key] = &[
     key(
         "app-probe-interval",
         "How often the app is probed while it is down",
-        Some("1s"),
+        Some("500ms"),
     ),
     key(
         "management-url",

@@ -129,7 +129,7 @@ pub async fn app_restart(app: &mut App, kind: QueueKind) -> Result<Timing, Strin
             what: "app down 3 s, then up → first message after it listens again",
             seconds: took,
             target_s: Some(1.0),
-            note: "default --app-probe-interval 1s".into(),
+            note: "default --app-probe-interval 500ms".into(),
         })
     }
     .await;
