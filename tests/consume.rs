@@ -648,23 +648,22 @@ async fn management_api_tells_active_from_standby() {
     let standby = Sidecar::spawn(&args(&queue, &ub, &extra));
     standby.wait_ready(Duration::from_secs(20)).await;
     let series = format!("rabbit_sidecar_consumer_active{{{}}}", q(&queue));
-    // No traffic at all: only the management API can tell the two apart.
+    // No traffic at all: only the management API can tell the two apart. The standby's gauge
+    // reads 0 before its first poll too, so wait for its status to say so as well.
     assert!(
         eventually(Duration::from_secs(15), || async {
-            active.metric(&series).await == 1.0 && standby.metric(&series).await == 0.0
+            active.metric(&series).await == 1.0
+                && standby.metric(&series).await == 0.0
+                && standby
+                    .get("/status")
+                    .await
+                    .is_some_and(|(_, body)| body.contains("\"standby\""))
         })
         .await,
-        "active {} standby {}",
+        "active {} standby {}; standby status: {:?}",
         active.metric(&series).await,
-        standby.metric(&series).await
-    );
-    assert!(
-        standby
-            .get("/status")
-            .await
-            .unwrap()
-            .1
-            .contains("\"standby\"")
+        standby.metric(&series).await,
+        standby.get("/status").await.map(|(_, body)| body)
     );
     assert!(
         !standby.logs().contains("guest:guest"),
