@@ -116,7 +116,8 @@ async fn hangs_resets_slow_answers_and_huge_bodies_each_keep_the_promise() {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let (addr, server) = raw_app(seen.clone()).await;
     let url = format!("http://{addr}/");
-    let sidecar = Sidecar::spawn(&declared(
+    // The common fast flags (100ms retry backoff, 200ms app probe, ...) plus this test's own.
+    let sidecar = Sidecar::spawn(&args(
         &queue,
         &url,
         &[
@@ -124,16 +125,8 @@ async fn hangs_resets_slow_answers_and_huge_bodies_each_keep_the_promise() {
             "1500ms",
             "--max-deliveries",
             "3",
-            "--retry-backoff",
-            "100ms",
             "--retry-backoff-max",
             "200ms",
-            "--heartbeat",
-            "2s",
-            "--app-probe-interval",
-            "200ms",
-            "--queue-poll-interval",
-            "500ms",
         ],
     ));
     sidecar.wait_ready(Duration::from_secs(20)).await;
