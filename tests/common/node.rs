@@ -34,13 +34,21 @@ impl Cookie {
 }
 
 /// A port below the ephemeral range (where a client socket can hold a port we then fail to
-/// listen on), free at the time of asking, together with the next one.
+/// listen on), free at the time of asking, together with the next one. Never one this process
+/// handed out before: nodes started side by side would otherwise race for an overlapping pair
+/// between the check here and their own bind.
 pub fn free_port_pair() -> (u16, u16) {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
     for _ in 0..1000 {
         let p = rand::random_range(12000..24000u16);
+        if given.iter().any(|g| g.abs_diff(p) <= 1) {
+            continue;
+        }
         let a = std::net::TcpListener::bind(("127.0.0.1", p));
         let b = std::net::TcpListener::bind(("127.0.0.1", p + 1));
         if a.is_ok() && b.is_ok() {
+            given.extend([p, p + 1]);
             return (p, p + 1);
         }
     }
