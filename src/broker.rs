@@ -250,6 +250,7 @@ async fn watch_session(
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
+            biased;
             _ = stop.cancelled() => return None,
             event = events.next() => match event {
                 Some(LapinEvent::Error(e)) if !session.is_connected() => {
@@ -268,10 +269,33 @@ async fn watch_session(
             },
             _ = tick.tick() => {
                 if !session.is_connected() {
-                    return Some((LossReason::Other, "connection no longer connected".into()));
+                    return Some(why_lost(&mut events).await);
                 }
             }
         }
+    }
+}
+
+/// Why a connection the backstop found closed was lost. lapin marks a connection failed before
+/// it sends the error event that says why (a missed heartbeat, say), so the tick can come first:
+/// the event gets a moment to arrive before the loss is put down as "other".
+async fn why_lost(
+    events: &mut (impl futures_util::Stream<Item = LapinEvent> + Unpin),
+) -> (LossReason, String) {
+    let error = tokio::time::timeout(Duration::from_millis(250), async {
+        while let Some(event) = events.next().await {
+            if let LapinEvent::Error(e) = event {
+                return Some(e);
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten();
+    match error {
+        Some(e) => (LossReason::of(&e), e.to_string()),
+        None => (LossReason::Other, "connection no longer connected".into()),
     }
 }
 

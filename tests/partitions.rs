@@ -190,7 +190,8 @@ async fn silent_partition_on_the_only_path_reconnects_when_it_heals() {
         )
         .unwrap()
             >= 1.0,
-        "{m}"
+        "{m}\nlogs:\n{}",
+        sidecar.logs()
     );
     broker.cleanup().await;
 }
