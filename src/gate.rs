@@ -49,6 +49,10 @@ impl AppGate {
 
     /// The app answered something: it is up.
     pub fn report_up(&self) {
+        // Every answer reports: look first, so the usual case (up already) takes no write lock.
+        if self.is_up() {
+            return;
+        }
         if self.up.send_if_modified(|up| !std::mem::replace(up, true)) {
             self.health.set_app_up(true);
             AppAvailability { up: true }.emit(&self.metrics);

@@ -107,8 +107,18 @@ pub fn to_http(info: &DeliveryInfo<'_>) -> HeaderMap {
     put(name::APP_ID, p.app_id().as_ref().map(|s| s.as_str()));
     put(name::USER_ID, p.user_id().as_ref().map(|s| s.as_str()));
     put(name::EXCHANGE, Some(info.exchange));
-    put(name::ROUTING_KEY, Some(info.routing_key));
-    put(name::QUEUE, Some(info.queue));
+    // Through the default exchange the routing key is the queue's name: one value serves both
+    // rather than checking and copying the same text twice.
+    let same_key = info.routing_key == info.queue;
+    if !same_key {
+        put(name::ROUTING_KEY, Some(info.routing_key));
+    }
+    if let Some(queue) = header_value(info.queue) {
+        if same_key {
+            h.insert(name::ROUTING_KEY, queue.clone());
+        }
+        h.insert(name::QUEUE, queue);
+    }
     // Numbers and flags need no validation.
     if let Some(t) = p.timestamp() {
         h.insert(name::TIMESTAMP, HeaderValue::from(*t));
@@ -218,6 +228,33 @@ mod tests {
             attempt: 2,
             properties: props,
         }
+    }
+
+    #[test]
+    fn through_the_default_exchange_key_and_queue_are_both_named() {
+        let props = BasicProperties::default();
+        let h = to_http(&DeliveryInfo {
+            queue: "orders",
+            exchange: "",
+            routing_key: "orders",
+            redelivered: false,
+            attempt: 1,
+            properties: &props,
+        });
+        assert_eq!(h["x-amqp-routing-key"], "orders");
+        assert_eq!(h["x-amqp-queue"], "orders");
+        assert_eq!(h["x-amqp-exchange"], "");
+        // A name that is no valid header value is left out of both.
+        let h = to_http(&DeliveryInfo {
+            queue: "bad\nname",
+            exchange: "",
+            routing_key: "bad\nname",
+            redelivered: false,
+            attempt: 1,
+            properties: &props,
+        });
+        assert!(!h.contains_key("x-amqp-routing-key"));
+        assert!(!h.contains_key("x-amqp-queue"));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! the sidecar cannot fix the broker and would only cause restart storms.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -52,12 +53,11 @@ struct Sub {
     state: State,
     consumer_tag: Option<String>,
     consumer_up: bool,
-    in_flight: HashMap<u64, InFlight>,
-    last_delivery: Option<SystemTime>,
+    in_flight: HashMap<u64, InFlight, BuildHasherDefault<IdHasher>>,
+    /// When the last delivery arrived (also to infer "active" under single active consumer).
+    last_delivery: Option<Instant>,
     last_ack: Option<SystemTime>,
     loop_tick: Instant,
-    /// Last time a delivery arrived, to infer "active" under single active consumer.
-    last_delivery_instant: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -104,11 +104,10 @@ impl Health {
                         state: State::Connecting,
                         consumer_tag: None,
                         consumer_up: false,
-                        in_flight: HashMap::new(),
+                        in_flight: HashMap::default(),
                         last_delivery: None,
                         last_ack: None,
                         loop_tick: now,
-                        last_delivery_instant: None,
                     },
                 )
             })
@@ -203,17 +202,17 @@ impl Health {
     }
 
     pub fn delivered(&self, queue: &str, id: u64) {
+        let now = Instant::now();
         self.with_sub(queue, |s| {
             s.in_flight.insert(
                 id,
                 InFlight {
-                    received: Instant::now(),
+                    received: now,
                     dispatched: None,
                     warned: false,
                 },
             );
-            s.last_delivery = Some(SystemTime::now());
-            s.last_delivery_instant = Some(Instant::now());
+            s.last_delivery = Some(now);
         });
     }
 
@@ -298,8 +297,7 @@ impl Health {
             }
             consumers_on_queue == Some(1)
                 || !s.in_flight.is_empty()
-                || s.last_delivery_instant
-                    .is_some_and(|t| t.elapsed() < recent)
+                || s.last_delivery.is_some_and(|t| t.elapsed() < recent)
         })
         .unwrap_or(false)
     }
@@ -404,11 +402,41 @@ impl Health {
                     state: s.state,
                     consumer_tag: s.consumer_tag.clone(),
                     in_flight: s.in_flight.len(),
-                    last_delivery: s.last_delivery.map(rfc3339),
+                    last_delivery: s.last_delivery.map(|t| rfc3339(wall_clock(t))),
                     last_ack: s.last_ack.map(rfc3339),
                 })
                 .collect(),
         })
+    }
+}
+
+/// The wall-clock time of an earlier instant (for display: the two clocks may drift apart).
+fn wall_clock(t: Instant) -> SystemTime {
+    SystemTime::now()
+        .checked_sub(t.elapsed())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// Hashes the in-flight ids, which count up from 1: SipHash (the default) would guard against
+/// chosen keys that cannot occur here, at several times the cost, on every message.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        // Fibonacci hashing spreads consecutive ids over the whole range, top bits included
+        // (the hash table takes its tag from them).
+        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id;
     }
 }
 
