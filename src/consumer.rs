@@ -370,7 +370,7 @@ async fn pump(ctx: &Arc<Ctx>, consumer: &mut Consumer) -> Pump {
     let (sub, shared) = (&ctx.sub, &ctx.shared);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // Never longer than the prefetch: the broker sends no more unacknowledged messages.
-    let mut waiting: VecDeque<Received> = VecDeque::with_capacity(usize::from(sub.prefetch));
+    let mut waiting: VecDeque<Box<Received>> = VecDeque::with_capacity(usize::from(sub.prefetch));
     // The loop turns once per delivery, so what it waits on lives across turns: made afresh
     // each turn, these futures joined and left their wait lists every time (a measurable share
     // of the per-message cost). A slot request stays queued at the semaphore the same way.
@@ -425,7 +425,7 @@ async fn pump(ctx: &Arc<Ctx>, consumer: &mut Consumer) -> Pump {
     }
     for received in waiting {
         if let Some(why) = why {
-            requeue(shared, sub.queue(), &received.delivery, why).await;
+            requeue(shared, sub.queue(), &received.delivery, why, None).await;
         }
         shared.health.settled(sub.queue(), received.id, false);
     }
@@ -433,6 +433,10 @@ async fn pump(ctx: &Arc<Ctx>, consumer: &mut Consumer) -> Pump {
 }
 
 /// A delivery taken off the consumer: counted, tracked by health, its attempt worked out.
+///
+/// Kept in a box from here to its task: a delivery with its properties is half a kilobyte, which
+/// every move (into the waiting queue, out of it, into the task's future, into the task) would
+/// otherwise copy, and which would size every task's future.
 struct Received {
     delivery: Delivery,
     /// The in-flight id health tracks it by.
@@ -440,7 +444,7 @@ struct Received {
     attempt: u32,
 }
 
-fn receive(ctx: &Ctx, delivery: Delivery) -> Received {
+fn receive(ctx: &Ctx, delivery: Delivery) -> Box<Received> {
     let Ctx {
         sub,
         shared,
@@ -460,11 +464,11 @@ fn receive(ctx: &Ctx, delivery: Delivery) -> Received {
         age: message_age(&delivery.properties),
     }
     .emit(&shared.metrics);
-    Received {
+    Box::new(Received {
         delivery,
         id,
         attempt,
-    }
+    })
 }
 
 /// Cancels the consumer and gives back what the broker pushed before the cancel took effect.
@@ -485,7 +489,7 @@ async fn cancel_and_return_unstarted(
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     while let Ok(Some(Ok(delivery))) = tokio::time::timeout_at(deadline, consumer.next()).await {
-        requeue(shared, queue, &delivery, why).await;
+        requeue(shared, queue, &delivery, why, None).await;
     }
 }
 
@@ -497,6 +501,7 @@ async fn settle(
     shared: &Shared,
     queue: &str,
     op: impl std::future::Future<Output = lapin::Result<bool>>,
+    trace: Option<&MessageTrace<'_>>,
 ) -> bool {
     let error = match tokio::time::timeout(SETTLE_TIMEOUT, op).await {
         Ok(Ok(true)) => return true,
@@ -504,31 +509,61 @@ async fn settle(
         Ok(Err(e)) => e.to_string(),
         Err(_) => format!("not sent within {SETTLE_TIMEOUT:?} (connection gone?)"),
     };
-    SettleFailed {
-        queue,
-        error: &error,
-    }
-    .emit(&shared.metrics);
+    emit_about(
+        trace,
+        SettleFailed {
+            queue,
+            error: &error,
+        },
+        &shared.metrics,
+    );
     false
 }
 
-async fn requeue(shared: &Shared, queue: &str, delivery: &Delivery, why: &'static str) {
+/// Returns a message to its queue. `trace`: the delivery's, when it reached a handler task.
+async fn requeue(
+    shared: &Shared,
+    queue: &str,
+    delivery: &Delivery,
+    why: &'static str,
+    trace: Option<&MessageTrace<'_>>,
+) {
     let nack = delivery.acker.nack(BasicNackOptions {
         requeue: true,
         multiple: false,
     });
-    if settle(shared, queue, nack).await {
-        MessageRequeued { queue, why }.emit(&shared.metrics);
+    if settle(shared, queue, nack, trace).await {
+        emit_about(trace, MessageRequeued { queue, why }, &shared.metrics);
     }
 }
 
-async fn ack(shared: &Shared, queue: &str, delivery: &Delivery) -> bool {
-    settle(
-        shared,
-        queue,
-        delivery.acker.ack(BasicAckOptions::default()),
-    )
-    .await
+async fn ack(
+    shared: &Shared,
+    queue: &str,
+    delivery: &Delivery,
+    trace: Option<&MessageTrace<'_>>,
+) -> bool {
+    let ack = delivery.acker.ack(BasicAckOptions::default());
+    settle(shared, queue, ack, trace).await
+}
+
+/// Emits an event about a delivery inside its log span (when it has one), so that the line
+/// names the message and its trace.
+fn emit_about(trace: Option<&MessageTrace<'_>>, event: impl Event, metrics: &Metrics) {
+    match trace {
+        Some(trace) => trace.in_scope(|| event.emit(metrics)),
+        None => event.emit(metrics),
+    }
+}
+
+/// [`emit_about`] for the events of the healthy path, which log at debug level only: while no
+/// debug line can be written, the delivery's log span is not made for them at all.
+fn emit_healthy(trace: &MessageTrace<'_>, event: impl Event, metrics: &Metrics) {
+    if tracing::level_enabled!(tracing::Level::DEBUG) {
+        trace.in_scope(|| event.emit(metrics));
+    } else {
+        event.emit(metrics);
+    }
 }
 
 fn message_age(props: &BasicProperties) -> Option<Duration> {
@@ -539,22 +574,20 @@ fn message_age(props: &BasicProperties) -> Option<Duration> {
 
 /// Handles one received message: with a slot (`permit`) when it goes to the app, without one
 /// when it is dead-lettered on arrival.
-async fn handle(ctx: Arc<Ctx>, received: Received, permit: Option<OwnedSemaphorePermit>) {
+async fn handle(ctx: Arc<Ctx>, mut received: Box<Received>, permit: Option<OwnedSemaphorePermit>) {
     let Ctx {
         sub,
         shared,
         session,
         ..
     } = &*ctx;
-    let Received {
-        mut delivery,
-        id,
-        attempt,
-    } = received;
+    let (id, attempt) = (received.id, received.attempt);
     let queue = sub.queue();
     // The body is handed to the app and, for a retry or dead letter, to the broker again: take
     // it out of the delivery once and share it rather than copy it per use.
-    let body = Bytes::from(std::mem::take(&mut delivery.data));
+    let body = Bytes::from(std::mem::take(&mut received.delivery.data));
+    // Left in its box: this task's future stays small (see `Received`).
+    let delivery = &received.delivery;
     let msg_headers = delivery.properties.headers().as_ref();
 
     let trace = MessageTrace::start(&DeliveryMeta {
@@ -578,24 +611,19 @@ async fn handle(ctx: Arc<Ctx>, received: Received, permit: Option<OwnedSemaphore
         headers: msg_headers,
     });
 
-    // Everything logged while the message is handled carries its trace id.
-    let span = trace.span().clone();
     // Boxed: inline, the whole call's state (the HTTP request, the timeouts, the ack) would make
     // this task's future several kilobytes, copied whole each time the task is created and
     // moved; callgrind counted those copies as a twentieth of the sidecar's instructions.
-    let settled_by_ack = tracing::Instrument::instrument(
-        Box::pin(process(
-            &ctx,
-            InHand {
-                delivery: &delivery,
-                body: &body,
-                id,
-                attempt,
-                trace: &trace,
-            },
-        )),
-        span,
-    )
+    let settled_by_ack = Box::pin(process(
+        &ctx,
+        InHand {
+            delivery,
+            body: &body,
+            id,
+            attempt,
+            trace: &trace,
+        },
+    ))
     .await;
     shared.health.settled(queue, id, settled_by_ack);
     drop(permit);
@@ -608,7 +636,7 @@ struct InHand<'a> {
     /// The in-flight id health tracks it by.
     id: u64,
     attempt: u32,
-    trace: &'a MessageTrace,
+    trace: &'a MessageTrace<'a>,
 }
 
 /// Takes the message through slot, dispatch, decision and settlement. Returns whether it was
@@ -642,7 +670,7 @@ async fn process(ctx: &Ctx, message: InHand<'_>) -> bool {
 
     // The gate may have closed since the pump started this task.
     if !shared.gate.is_up() {
-        requeue(shared, queue, delivery, "app unreachable").await;
+        requeue(shared, queue, delivery, "app unreachable", Some(trace)).await;
         return false;
     }
 
@@ -664,7 +692,7 @@ async fn process(ctx: &Ctx, message: InHand<'_>) -> bool {
         _ = shared.hard_stop.cancelled() => {
             client_span.record_error("shutdown");
             trace.record_decision("requeue", "shutdown deadline reached");
-            requeue(shared, queue, delivery, "shutdown deadline reached").await;
+            requeue(shared, queue, delivery, "shutdown deadline reached", Some(trace)).await;
             return false;
         }
     };
@@ -699,15 +727,18 @@ async fn process(ctx: &Ctx, message: InHand<'_>) -> bool {
         ) => "timeout",
         _ => decision.label(),
     };
-    HandlerAnswered {
-        queue,
-        series,
-        outcome: outcome_label,
-        elapsed: answer.elapsed,
-        status: answer.outcome.status(),
-        detail: &answer.detail,
-    }
-    .emit(&shared.metrics);
+    emit_healthy(
+        trace,
+        HandlerAnswered {
+            queue,
+            series,
+            outcome: outcome_label,
+            elapsed: answer.elapsed,
+            status: answer.outcome.status(),
+            detail: &answer.detail,
+        },
+        &shared.metrics,
+    );
     trace.record_decision(decision.label(), &answer.detail);
     if !matches!(decision, Decision::Ack) {
         trace.record_error(error_type(&answer.outcome));
@@ -715,19 +746,22 @@ async fn process(ctx: &Ctx, message: InHand<'_>) -> bool {
 
     match decision {
         Decision::Ack => {
-            let ok = ack(shared, queue, delivery).await;
+            let ok = ack(shared, queue, delivery, Some(trace)).await;
             if ok {
-                MessageAcked {
-                    queue,
-                    series,
-                    attempt,
-                }
-                .emit(&shared.metrics);
+                emit_healthy(
+                    trace,
+                    MessageAcked {
+                        queue,
+                        series,
+                        attempt,
+                    },
+                    &shared.metrics,
+                );
             }
             ok
         }
         Decision::Requeue => {
-            requeue(shared, queue, delivery, "app unreachable").await;
+            requeue(shared, queue, delivery, "app unreachable", Some(trace)).await;
             false
         }
         Decision::DeadLetter { reason } => {
@@ -764,25 +798,31 @@ async fn process(ctx: &Ctx, message: InHand<'_>) -> bool {
             .await
             {
                 Ok(()) => {
-                    RetryScheduled {
-                        queue,
-                        reason,
-                        attempt,
-                        delay,
-                        detail: &answer.detail,
-                    }
-                    .emit(&shared.metrics);
-                    ack(shared, queue, delivery).await
+                    emit_about(
+                        Some(trace),
+                        RetryScheduled {
+                            queue,
+                            reason,
+                            attempt,
+                            delay,
+                            detail: &answer.detail,
+                        },
+                        &shared.metrics,
+                    );
+                    ack(shared, queue, delivery, Some(trace)).await
                 }
                 Err(error) => {
-                    RepublishFailed {
-                        queue,
-                        what: "retry",
-                        error: &error,
-                    }
-                    .emit(&shared.metrics);
+                    emit_about(
+                        Some(trace),
+                        RepublishFailed {
+                            queue,
+                            what: "retry",
+                            error: &error,
+                        },
+                        &shared.metrics,
+                    );
                     trace.record_event("retry_copy_not_confirmed", &error);
-                    Box::pin(hold_then_requeue(sub, shared, delivery, attempt)).await;
+                    Box::pin(hold_then_requeue(sub, shared, delivery, attempt, trace)).await;
                     false
                 }
             }
@@ -825,7 +865,7 @@ async fn dead_letter(
     reason: DeadLetterReason,
     status: Option<u16>,
     detail: &str,
-    trace: &MessageTrace,
+    trace: &MessageTrace<'_>,
 ) -> bool {
     let queue = sub.queue();
     let mut extra = FieldTable::default();
@@ -862,25 +902,31 @@ async fn dead_letter(
     .await
     {
         Ok(()) => {
-            DeadLettered {
-                queue,
-                reason,
-                attempt,
-                dead_letter_queue: &sub.spec.dead_letter_queue,
-                detail,
-            }
-            .emit(&shared.metrics);
-            ack(shared, queue, delivery).await
+            emit_about(
+                Some(trace),
+                DeadLettered {
+                    queue,
+                    reason,
+                    attempt,
+                    dead_letter_queue: &sub.spec.dead_letter_queue,
+                    detail,
+                },
+                &shared.metrics,
+            );
+            ack(shared, queue, delivery, Some(trace)).await
         }
         Err(error) => {
-            RepublishFailed {
-                queue,
-                what: "dead_letter",
-                error: &error,
-            }
-            .emit(&shared.metrics);
+            emit_about(
+                Some(trace),
+                RepublishFailed {
+                    queue,
+                    what: "dead_letter",
+                    error: &error,
+                },
+                &shared.metrics,
+            );
             trace.record_event("dead_letter_copy_not_confirmed", &error);
-            hold_then_requeue(sub, shared, delivery, attempt).await;
+            hold_then_requeue(sub, shared, delivery, attempt, trace).await;
             false
         }
     }
@@ -888,14 +934,27 @@ async fn dead_letter(
 
 /// Keeps a message whose copy failed for one backoff step before requeueing it, so a broken
 /// dead-letter or retry path does not become a hot loop. Shutdown cuts the wait short.
-async fn hold_then_requeue(sub: &Subscription, shared: &Shared, delivery: &Delivery, attempt: u32) {
+async fn hold_then_requeue(
+    sub: &Subscription,
+    shared: &Shared,
+    delivery: &Delivery,
+    attempt: u32,
+    trace: &MessageTrace<'_>,
+) {
     let delay = policy::retry_delay(attempt, &sub.limits, 0.0);
     tokio::select! {
         _ = tokio::time::sleep(delay) => {}
         _ = shared.hard_stop.cancelled() => {}
         _ = shared.shutdown.cancelled() => {}
     }
-    requeue(shared, sub.queue(), delivery, "copy not confirmed").await;
+    requeue(
+        shared,
+        sub.queue(),
+        delivery,
+        "copy not confirmed",
+        Some(trace),
+    )
+    .await;
 }
 
 /// Publishes a copy of `delivery` (its `body`) to `queue` (default exchange, mandatory,

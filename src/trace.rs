@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! let trace = MessageTrace::start(&DeliveryMeta { .. });      // CONSUMER span "process {queue}"
-//! async { .. }.instrument(trace.span().clone())               // logs inside carry trace_id
+//! trace.in_scope(|| tracing::warn!(..));                       // the line names the delivery
 //!   let mut call = trace.dispatch_span(&target);              // CLIENT span "POST", child of it
 //!   trace.inject_http(&call, request.headers_mut());          // app sees traceparent/tracestate
 //!   call.record_http_status(503)  or  call.record_error("timeout");
@@ -37,17 +37,19 @@
 //!   through a `tracing`-to-OpenTelemetry bridge instead cost more per message than the rest of
 //!   the sidecar's own work (every field visited, formatted and converted, every enter and exit
 //!   looked up); see `docs/performance.md`.
-//! - one lean `tracing` span per delivery (queue, delivery tag, message id, trace id) so that every
-//!   log line written while the message is handled names its trace. Log lines are not copied into
-//!   the OpenTelemetry spans; what a trace needs from them (the decision, its detail, the error
-//!   type) is recorded on the span itself.
+//! - a lean `tracing` span (queue, delivery tag, message id, trace id) that the consumer logs its
+//!   events about the delivery in, so that those lines name the message and its trace. It is made
+//!   when the first such line is logged: a delivery that logs nothing (the healthy path at the
+//!   default level) costs the log layer nothing. Log lines are not copied into the OpenTelemetry
+//!   spans; what a trace needs from them (the decision, its detail, the error type) is recorded
+//!   on the span itself.
 //!
 //! Without a tracer (no exporter configured) no OpenTelemetry span exists, and the incoming
 //! context is handed to the app and to re-published copies unchanged, so the producer's trace
 //! still continues through the app.
 
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use opentelemetry::trace::{
@@ -57,10 +59,15 @@ use opentelemetry::trace::{
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::trace::{SdkTracer, Span as SdkSpan};
 use tracing_subscriber::Layer;
-use tracing_subscriber::filter::{FilterFn, Filtered};
+use tracing_subscriber::filter::{FilterFn, Filtered, LevelFilter};
 
 const TRACEPARENT: &str = "traceparent";
 const TRACESTATE: &str = "tracestate";
+/// The same names as HTTP headers, made once: a `&str` key is parsed on every map operation.
+const TRACEPARENT_HEADER: hyper::header::HeaderName =
+    hyper::header::HeaderName::from_static(TRACEPARENT);
+const TRACESTATE_HEADER: hyper::header::HeaderName =
+    hyper::header::HeaderName::from_static(TRACESTATE);
 const DECISION_KEY: &str = "rabbit_sidecar.decision";
 const DETAIL_KEY: &str = "rabbit_sidecar.detail";
 const ERROR_TYPE_KEY: &str = "error.type";
@@ -82,7 +89,16 @@ where
     TracerLayer {
         tracer: Arc::new(tracer),
     }
-    .with_filter(FilterFn::new(|_| false))
+    // The hint says it wants nothing: without one, the dispatcher's maximum level would be
+    // TRACE, and level checks such as `level_enabled!` would pass for every level.
+    .with_filter(
+        FilterFn::new(reject_all as fn(&tracing::Metadata<'_>) -> bool)
+            .with_max_level_hint(LevelFilter::OFF),
+    )
+}
+
+fn reject_all(_: &tracing::Metadata<'_>) -> bool {
+    false
 }
 
 /// The tracer of the current dispatcher, if it has one.
@@ -109,25 +125,29 @@ pub struct DeliveryMeta<'a> {
 ///
 /// Invariant: `tracer` is set exactly when spans are built; `cx` then holds the process span
 /// (which ends when the last clone of `cx` is dropped), and otherwise only the producer's context.
-pub struct MessageTrace {
-    log_span: tracing::Span,
+pub struct MessageTrace<'a> {
+    /// The `tracing` span for log lines, made the first time a line is logged in it.
+    log_span: OnceLock<tracing::Span>,
+    trace_id: OnceLock<Option<String>>,
+    queue: &'a str,
+    delivery_tag: u64,
+    message_id: Option<&'a str>,
     cx: Context,
     tracer: Option<Arc<SdkTracer>>,
-    trace_id: Option<String>,
 }
 
-impl std::fmt::Debug for MessageTrace {
+impl std::fmt::Debug for MessageTrace<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MessageTrace")
             .field("exporting", &self.exporting())
-            .field("trace_id", &self.trace_id)
+            .field("trace_id", &self.trace_id())
             .finish()
     }
 }
 
-impl MessageTrace {
-    /// Opens the CONSUMER span for a delivery, parented on the producer's context if any.
-    pub fn start(meta: &DeliveryMeta<'_>) -> MessageTrace {
+impl<'a> MessageTrace<'a> {
+    /// Continues the producer's trace (or starts one) with a process span when exporting.
+    pub fn start(meta: &DeliveryMeta<'a>) -> MessageTrace<'a> {
         let remote = extract_context(meta.headers);
         let tracer = current_tracer();
         let cx = match &tracer {
@@ -137,28 +157,42 @@ impl MessageTrace {
             }
             None => remote,
         };
-        let trace_id = valid_span_context(&cx).map(|sc| trace_id_hex(sc.trace_id()));
-        // tracing turns u64 into a string for some subscribers; a tag never nears i64::MAX.
-        let tag = i64::try_from(meta.delivery_tag).ok();
-        // All fields at once: recording one later makes the log layer format them again.
-        let log_span = tracing::info_span!(
-            "process",
-            messaging.destination.name = meta.queue,
-            messaging.rabbitmq.message.delivery_tag = tag,
-            messaging.message.id = meta.message_id,
-            trace_id = trace_id.as_deref().map(tracing::field::display),
-        );
         MessageTrace {
-            log_span,
+            log_span: OnceLock::new(),
+            trace_id: OnceLock::new(),
+            queue: meta.queue,
+            delivery_tag: meta.delivery_tag,
+            message_id: meta.message_id,
             cx,
             tracer,
-            trace_id,
         }
     }
 
-    /// The span for logs; instrument the delivery's work with a clone of it.
+    /// The `tracing` span that names this delivery (queue, delivery tag, message id, trace id)
+    /// in log lines written inside it.
+    ///
+    /// Made on first use, not per delivery: creating it makes the log layer format its fields,
+    /// and entering it on every poll of the delivery's task is a lookup per layer, together a
+    /// sizeable share of the sidecar's own cost per message (`docs/performance.md`), spent even
+    /// when nothing is logged, as on a healthy path at the default level.
     pub fn span(&self) -> &tracing::Span {
-        &self.log_span
+        self.log_span.get_or_init(|| {
+            // tracing turns u64 into a string for some subscribers; a tag never nears i64::MAX.
+            let tag = i64::try_from(self.delivery_tag).ok();
+            // All fields at once: recording one later makes the log layer format them again.
+            tracing::info_span!(
+                "process",
+                messaging.destination.name = self.queue,
+                messaging.rabbitmq.message.delivery_tag = tag,
+                messaging.message.id = self.message_id,
+                trace_id = self.trace_id().map(tracing::field::display),
+            )
+        })
+    }
+
+    /// Runs `f`, which logs, inside [`span`](Self::span), so its lines name the delivery.
+    pub fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.span().in_scope(f)
     }
 
     /// Whether spans of this delivery are built for an OpenTelemetry exporter (the sampler may
@@ -170,7 +204,9 @@ impl MessageTrace {
     /// The trace this delivery belongs to (32 lowercase hex digits), if it has one: always when
     /// exporting, else only when the producer sent a valid traceparent.
     pub fn trace_id(&self) -> Option<&str> {
-        self.trace_id.as_deref()
+        self.trace_id
+            .get_or_init(|| valid_span_context(&self.cx).map(|sc| trace_id_hex(sc.trace_id())))
+            .as_deref()
     }
 
     /// A CLIENT span for an HTTP call to the app, child of the process span; it ends when
@@ -191,8 +227,8 @@ impl MessageTrace {
     /// exporting, else the producer's context as it came. Stale values are removed first, and
     /// with no context at all nothing is written.
     pub fn inject_http(&self, client: &ClientSpan, headers: &mut hyper::HeaderMap) {
-        headers.remove(TRACEPARENT);
-        headers.remove(TRACESTATE);
+        headers.remove(&TRACEPARENT_HEADER);
+        headers.remove(&TRACESTATE_HEADER);
         let client_sc = client
             .span
             .as_ref()
@@ -211,10 +247,10 @@ impl MessageTrace {
         };
         let (parent, state) = encode(sc);
         if let Ok(value) = hyper::header::HeaderValue::from_str(&parent) {
-            headers.insert(TRACEPARENT, value);
+            headers.insert(TRACEPARENT_HEADER, value);
         }
         if let Some(value) = state.and_then(|s| hyper::header::HeaderValue::from_str(&s).ok()) {
-            headers.insert(TRACESTATE, value);
+            headers.insert(TRACESTATE_HEADER, value);
         }
     }
 

@@ -522,9 +522,8 @@ fn log_inside_a_delivery(format: LogFormat) -> String {
     let table = headers(vec![("traceparent", long(TRACEPARENT))]);
     tracing::dispatcher::with_default(&dispatch, || {
         let trace = MessageTrace::start(&meta(Some(&table)));
-        // As the consumer does: the delivery's work runs inside its process span.
-        let _process = trace.span().enter();
-        tracing::info!("calling the app");
+        // As the consumer does: what it logs about the delivery, it logs in the delivery's span.
+        trace.in_scope(|| tracing::info!("calling the app"));
     });
     captured.text()
 }
@@ -550,4 +549,58 @@ fn json_log_lines_inside_a_delivery_carry_the_trace_id() {
     let spans = json["spans"].as_array().expect("span list");
     assert_eq!(spans[0]["trace_id"], TRACE_ID, "{line}");
     assert_eq!(spans[0]["messaging.destination.name"], "orders", "{line}");
+}
+
+/// Counts the `tracing` spans made, by name.
+#[derive(Clone, Default)]
+struct SpanCounter(Arc<Mutex<HashMap<&'static str, usize>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for SpanCounter {
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        _: &tracing::span::Id,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        *self
+            .0
+            .lock()
+            .unwrap()
+            .entry(attrs.metadata().name())
+            .or_default() += 1;
+    }
+}
+
+#[test]
+fn the_log_span_is_made_only_when_something_is_logged_in_it() {
+    let counter = SpanCounter::default();
+    let subscriber = tracing_subscriber::registry().with(counter.clone());
+    let made = || {
+        counter
+            .0
+            .lock()
+            .unwrap()
+            .get("process")
+            .copied()
+            .unwrap_or(0)
+    };
+    let table = headers(vec![("traceparent", long(TRACEPARENT))]);
+    tracing::subscriber::with_default(subscriber, || {
+        // A delivery handled without a log line: no span for the log layer to format.
+        let quiet = MessageTrace::start(&meta(Some(&table)));
+        let call = quiet.dispatch_span(&HttpTarget::new(
+            "POST",
+            &"http://127.0.0.1:1/".parse().unwrap(),
+        ));
+        quiet.inject_http(&call, &mut HeaderMap::new());
+        quiet.record_decision("ack", "");
+        drop(quiet);
+        assert_eq!(made(), 0);
+        // One that logs twice: one span, made once, carrying the trace id.
+        let noisy = MessageTrace::start(&meta(Some(&table)));
+        noisy.in_scope(|| tracing::warn!("first"));
+        noisy.in_scope(|| tracing::warn!("second"));
+        assert_eq!(made(), 1);
+        assert_eq!(noisy.trace_id(), Some(TRACE_ID));
+    });
 }
