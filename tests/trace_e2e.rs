@@ -164,6 +164,20 @@ async fn the_process_span_continues_the_producers_trace_and_the_app_gets_a_child
     let dl_tp = header_str(&dead[0].1, "traceparent").expect("the dead letter carries traceparent");
     assert!(dl_tp.contains(TRACE_ID), "{dl_tp}");
 
+    // The warning about the dead letter names the message and its trace. The copy reaches the
+    // dead-letter queue before the broker's confirm reaches the sidecar, which then logs.
+    eventually(Duration::from_secs(10), || async {
+        sidecar.logs().contains("message dead-lettered")
+    })
+    .await;
+    let logs = sidecar.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("message dead-lettered"))
+        .unwrap_or_else(|| panic!("no dead-letter warning in:\n{logs}"));
+    assert!(line.contains(&format!("trace_id={TRACE_ID}")), "{line}");
+    assert!(line.contains("id-poison"), "{line}");
+
     // SIGTERM flushes the exporter.
     sidecar.signal("TERM");
     assert!(
