@@ -282,7 +282,9 @@ async fn watch_session(
 async fn why_lost(
     events: &mut (impl futures_util::Stream<Item = LapinEvent> + Unpin),
 ) -> (LossReason, String) {
-    let error = tokio::time::timeout(Duration::from_millis(250), async {
+    // The event follows within microseconds when it comes at all; a connection closed without
+    // one must not wait long for it.
+    let error = tokio::time::timeout(Duration::from_millis(50), async {
         while let Some(event) = events.next().await {
             if let LapinEvent::Error(e) = event {
                 return Some(e);
