@@ -537,14 +537,9 @@ async fn requeue(
     }
 }
 
-async fn ack(
-    shared: &Shared,
-    queue: &str,
-    delivery: &Delivery,
-    trace: Option<&MessageTrace<'_>>,
-) -> bool {
+async fn ack(shared: &Shared, queue: &str, delivery: &Delivery, trace: &MessageTrace<'_>) -> bool {
     let ack = delivery.acker.ack(BasicAckOptions::default());
-    settle(shared, queue, ack, trace).await
+    settle(shared, queue, ack, Some(trace)).await
 }
 
 /// Emits an event about a delivery inside its log span (when it has one), so that the line
@@ -746,7 +741,7 @@ async fn process(ctx: &Ctx, message: InHand<'_>) -> bool {
 
     match decision {
         Decision::Ack => {
-            let ok = ack(shared, queue, delivery, Some(trace)).await;
+            let ok = ack(shared, queue, delivery, trace).await;
             if ok {
                 emit_healthy(
                     trace,
@@ -809,7 +804,7 @@ async fn process(ctx: &Ctx, message: InHand<'_>) -> bool {
                         },
                         &shared.metrics,
                     );
-                    ack(shared, queue, delivery, Some(trace)).await
+                    ack(shared, queue, delivery, trace).await
                 }
                 Err(error) => {
                     emit_about(
@@ -913,7 +908,7 @@ async fn dead_letter(
                 },
                 &shared.metrics,
             );
-            ack(shared, queue, delivery, Some(trace)).await
+            ack(shared, queue, delivery, trace).await
         }
         Err(error) => {
             emit_about(
