@@ -107,18 +107,8 @@ pub fn to_http(info: &DeliveryInfo<'_>) -> HeaderMap {
     put(name::APP_ID, p.app_id().as_ref().map(|s| s.as_str()));
     put(name::USER_ID, p.user_id().as_ref().map(|s| s.as_str()));
     put(name::EXCHANGE, Some(info.exchange));
-    // Through the default exchange the routing key is the queue's name: one value serves both
-    // rather than checking and copying the same text twice.
-    let same_key = info.routing_key == info.queue;
-    if !same_key {
-        put(name::ROUTING_KEY, Some(info.routing_key));
-    }
-    if let Some(queue) = header_value(info.queue) {
-        if same_key {
-            h.insert(name::ROUTING_KEY, queue.clone());
-        }
-        h.insert(name::QUEUE, queue);
-    }
+    put(name::ROUTING_KEY, Some(info.routing_key));
+    put(name::QUEUE, Some(info.queue));
     // Numbers and flags need no validation.
     if let Some(t) = p.timestamp() {
         h.insert(name::TIMESTAMP, HeaderValue::from(*t));
