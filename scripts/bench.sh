@@ -2,10 +2,11 @@
 # The performance benchmark against the local broker (see docs/performance.md).
 #
 #   scripts/bench.sh --quick   # a few thousand messages, concurrency 16, one failover: < 2 minutes (CI)
-#   scripts/bench.sh           # the full table and every failover scenario: about 10 minutes
+#   scripts/bench.sh           # the full table and every failover scenario: about 6 minutes
 #   scripts/bench.sh --soak    # 1M messages at 2000/s: RSS and fds over time (about 9 minutes)
 #
 # Further options go to the bench: --json FILE, --queue-type classic, --messages N,
+# --repeat ROUNDS, --concurrency C and --size BYTES (quick mode),
 # --broker-restart auto|always|never (auto: only when no other client uses the broker),
 # --soak-messages N, --soak-rate R.
 set -euo pipefail

@@ -69,6 +69,14 @@ struct Opts {
     list_only: bool,
 }
 
+/// `v` as a whole number of at least `min`, or an error naming `flag`.
+fn at_least(flag: &str, v: &str, min: usize) -> Result<usize, String> {
+    v.parse()
+        .ok()
+        .filter(|n| *n >= min)
+        .ok_or(format!("{flag}: a whole number, {min} or more"))
+}
+
 fn parse_args() -> Result<Opts, String> {
     let mut o = Opts {
         mode: Mode::Full,
@@ -117,24 +125,10 @@ fn parse_args() -> Result<Opts, String> {
             }
             "--repeat" => o.repeat = value("--repeat")?.parse().map_err(|_| "--repeat")?,
             "--concurrency" => {
-                o.concurrency = Some(
-                    value("--concurrency")?
-                        .parse()
-                        .ok()
-                        .filter(|c| *c > 0)
-                        .ok_or("--concurrency: a whole number above zero")?,
-                )
+                o.concurrency = Some(at_least("--concurrency", &value("--concurrency")?, 1)?)
             }
-            "--size" => {
-                o.size = Some(
-                    value("--size")?
-                        .parse()
-                        .ok()
-                        // A body starts with its publish time in 20 digits.
-                        .filter(|b| *b >= 20)
-                        .ok_or("--size: a number of bytes, 20 or more")?,
-                )
-            }
+            // A body starts with its publish time in 20 digits.
+            "--size" => o.size = Some(at_least("--size", &value("--size")?, 20)?),
             "--soak-messages" => {
                 o.soak_messages = value("--soak-messages")?
                     .parse()
@@ -447,9 +441,11 @@ fn add_ratios(results: &mut [CaseResult]) {
     }
 }
 
-fn cases(mode: Mode, messages: Option<usize>, quick: (Option<usize>, Option<usize>)) -> Vec<Case> {
+fn cases(opts: &Opts) -> Vec<Case> {
+    let (mode, messages) = (opts.mode, opts.messages);
     let mut out = Vec::new();
-    let (quick_concurrency, quick_size) = ([quick.0.unwrap_or(16)], [quick.1.unwrap_or(256)]);
+    let quick_concurrency = [opts.concurrency.unwrap_or(16)];
+    let quick_size = [opts.size.unwrap_or(256)];
     let (sizes, concurrencies): (&[usize], &[usize]) = match mode {
         Mode::Quick => (&quick_size, &quick_concurrency),
         _ => (&[256, 16 * 1024], &[1, 16, 64]),
@@ -516,9 +512,10 @@ fn cases(mode: Mode, messages: Option<usize>, quick: (Option<usize>, Option<usiz
 /// that over as many rounds as a group has members each member runs once in each position.
 ///
 /// Why: with the order fixed, "tracing on" (always run right after "tracing off") measured 0.65 ×
-/// tracing off with 16 KiB messages, and 1.2 × with the two swapped. Something on the machine
-/// (not the broker's CPU: it is idle between cases) slows a case down the more 16 KiB cases ran
-/// just before it; rotating spreads that over every member of a group alike.
+/// tracing off with 16 KiB messages, and 1.2 × with the two swapped. Where a 16 KiB case stands
+/// among the others moves it by up to a third, whatever the consumer, and not always in the same
+/// direction; the cause is not found (the broker's CPU is idle between cases). Rotating spreads
+/// it over every member of a group alike.
 fn round_order(cases: &[Case], round: usize) -> Vec<usize> {
     let key = |c: &Case| (c.size, c.consumer.concurrency(), c.app_delay);
     let mut order = Vec::with_capacity(cases.len());
@@ -885,10 +882,9 @@ async fn run(opts: Opts) -> Result<(), String> {
     } else {
         // Rounds run every case in turn, so a burst of noise from elsewhere on the machine hits
         // one round of many cases rather than every round of one case. The cases compared with
-        // each other (same size, concurrency and app) also take turns at going first: a case
-        // run after others of 16 KiB was up to a third slower, whatever the consumer (see
-        // `round_order`).
-        let cases = cases(opts.mode, opts.messages, (opts.concurrency, opts.size));
+        // each other (same size, concurrency and app) also take turns at going first: where a
+        // 16 KiB case stood moved it by up to a third, whatever the consumer (see `round_order`).
+        let cases = cases(&opts);
         let mut rounds: Vec<Vec<CaseResult>> = vec![Vec::new(); cases.len()];
         for round in 1..=opts.repeat {
             for i in round_order(&cases, round) {
