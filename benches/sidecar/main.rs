@@ -27,7 +27,7 @@ mod rig;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -210,6 +210,9 @@ struct Ctx {
     otlp: OtlpReceiver,
     kind: QueueKind,
     latency_secs: f64,
+    /// Whether each case starts on a fresh quorum WAL ([`rig::settle_quorum_wal`]): quorum queues
+    /// only, and off for the rest of the run once it fails (an older broker, no `rabbitmqctl`).
+    settle_wal: AtomicBool,
 }
 
 fn sidecar_args(queue: &str, url: &str, concurrency: usize) -> Vec<String> {
@@ -265,13 +268,22 @@ async fn run_case_on(
     let rec = ctx.app.rec.clone();
     rec.reset();
     ctx.app.set_delay(case.app_delay);
+    if ctx.settle_wal.load(Ordering::Relaxed) {
+        let settled = tokio::task::spawn_blocking(rig::settle_quorum_wal)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Err(e) = settled {
+            eprintln!("  {e}; the cases will not start on a fresh WAL");
+            ctx.settle_wal.store(false, Ordering::Relaxed);
+        }
+    }
     broker.publish_n(queue, case.messages, case.size).await?;
 
     let stop = CancellationToken::new();
     let mut bare = None;
     let mut sidecar = None;
     let mut bare_proc = None;
-    let otlp_before = ctx.otlp.requests.load(std::sync::atomic::Ordering::Relaxed);
+    let otlp_before = ctx.otlp.requests.load(Ordering::Relaxed);
     match case.consumer {
         Consumer::AckOnly => {
             bare = Some(
@@ -371,8 +383,7 @@ async fn run_case_on(
         let _ = s.wait_exit(Duration::from_secs(20)).await;
         if let Consumer::Sidecar { tracing: true, .. } = case.consumer {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            otlp_requests =
-                Some(ctx.otlp.requests.load(std::sync::atomic::Ordering::Relaxed) - otlp_before);
+            otlp_requests = Some(ctx.otlp.requests.load(Ordering::Relaxed) - otlp_before);
         }
     }
     ctx.app.set_delay(Duration::ZERO);
@@ -768,7 +779,7 @@ async fn soak(ctx: &Ctx, n: usize, rate: f64) -> Result<Value, String> {
                 );
             }
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        stop.store(true, Ordering::Relaxed);
         let published = publisher.await.map_err(|e| e.to_string())??;
         let delivered = ctx.app.rec.count();
         let elapsed = started.elapsed().as_secs_f64();
@@ -859,6 +870,7 @@ async fn run(opts: Opts) -> Result<(), String> {
         otlp: OtlpReceiver::start().await,
         kind: opts.kind,
         latency_secs: 2.0,
+        settle_wal: AtomicBool::new(opts.kind == QueueKind::Quorum),
     };
     let mut results = Vec::new();
     let mut failovers = Vec::new();
