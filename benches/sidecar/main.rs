@@ -199,6 +199,8 @@ struct CaseResult {
     latency_ms: HashMap<&'static str, f64>,
     latency_rate: f64,
     cpu_s_per_10k: Option<f64>,
+    /// Context switches of the consumer process per message, over the same stretch as the CPU.
+    switches_per_msg: Option<f64>,
     peak_rss_mib: Option<f64>,
     otlp_requests: Option<u64>,
     ratio_b1: Option<f64>,
@@ -318,7 +320,7 @@ async fn run_case_on(
     // Throughput: from the first receipt to the last. Sidecar CPU over the same stretch.
     let deadline = Instant::now() + drain_deadline(case.messages, case.app_delay, 1);
     let n = case.messages as u64;
-    let mut cpu_start: Option<(f64, u64)> = None;
+    let mut cpu_start: Option<(ProcStats, u64)> = None;
     while rec.count() < n {
         if Instant::now() > deadline {
             let log = sidecar.as_ref().map(|s| s.logs()).unwrap_or_default();
@@ -334,7 +336,7 @@ async fn run_case_on(
         {
             let seen = rec.count();
             if seen > 0 {
-                cpu_start = Some((stats.cpu_s, seen));
+                cpu_start = Some((stats, seen));
             }
         }
         tokio::time::sleep(Duration::from_millis(if cpu_start.is_none() {
@@ -347,11 +349,15 @@ async fn run_case_on(
     let end = child_stats(&sidecar, &bare_proc);
     let span = rec.span().unwrap_or_default().as_secs_f64().max(1e-6);
     let msgs_per_s = (n.saturating_sub(1)) as f64 / span;
-    let cpu_s_per_10k = match (cpu_start, end) {
-        (Some((cpu0, seen)), Some(end)) if n > seen => {
-            Some((end.cpu_s - cpu0) / (n - seen) as f64 * 10_000.0)
+    let (cpu_s_per_10k, switches_per_msg) = match (cpu_start, end) {
+        (Some((start, seen)), Some(end)) if n > seen => {
+            let messages = (n - seen) as f64;
+            (
+                Some((end.cpu_s - start.cpu_s) / messages * 10_000.0),
+                Some(end.ctx_switches.saturating_sub(start.ctx_switches) as f64 / messages),
+            )
         }
-        _ => None,
+        _ => (None, None),
     };
 
     // Latency at a steady rate well below the measured ceiling.
@@ -394,6 +400,7 @@ async fn run_case_on(
         latency_ms,
         latency_rate: rate,
         cpu_s_per_10k,
+        switches_per_msg,
         peak_rss_mib,
         otlp_requests,
         ratio_b1: None,
@@ -737,6 +744,7 @@ fn case_json(r: &CaseResult) -> Value {
         "latency_ms": r.latency_ms,
         "latency_publish_rate": r.latency_rate,
         "cpu_s_per_10k": r.cpu_s_per_10k,
+        "context_switches_per_msg": r.switches_per_msg,
         "peak_rss_mib": r.peak_rss_mib,
         "otlp_export_requests": r.otlp_requests,
     })
@@ -924,9 +932,14 @@ async fn run(opts: Opts) -> Result<(), String> {
                     }
                 };
                 eprintln!(
-                    "  {:.0} msg/s, p50 {:.1} ms",
+                    "  {:.0} msg/s, p50 {:.1} ms{}",
                     r.msgs_per_s,
-                    r.latency_ms.get("p50").copied().unwrap_or(f64::NAN)
+                    r.latency_ms.get("p50").copied().unwrap_or(f64::NAN),
+                    match (r.cpu_s_per_10k, r.switches_per_msg) {
+                        (Some(cpu), Some(switches)) =>
+                            format!(", {cpu:.2} CPU s / 10k, {switches:.2} context switches / msg"),
+                        _ => String::new(),
+                    }
                 );
                 rounds[i].push(r);
             }

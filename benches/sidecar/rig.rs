@@ -676,6 +676,8 @@ pub struct ProcStats {
     pub rss_kib: u64,
     pub hwm_kib: u64,
     pub fds: usize,
+    /// Context switches of its live threads, voluntary and not.
+    pub ctx_switches: u64,
 }
 
 impl ProcStats {
@@ -705,6 +707,19 @@ impl ProcStats {
         s.fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
             .map(|d| d.count())
             .unwrap_or(0);
+        s.ctx_switches = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|task| std::fs::read_to_string(task.path().join("status")).ok())
+            .flat_map(|status| {
+                status
+                    .lines()
+                    .filter(|l| l.contains("ctxt_switches:"))
+                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .sum();
         s
     }
 }
