@@ -57,6 +57,12 @@ pub async fn start(
         )
         .await
         .map_err(|e| e.to_string())?;
+    // Both ack on the channel, as the sidecar does, rather than through each delivery's `Acker`:
+    // lapin hands an `Acker`'s ack to its internal RPC task, which spawns a task to send it, and
+    // that costs more than the rest of the ack (see docs/performance.md). The baselines are the
+    // same work done the cheapest way, so that the sidecar's ratio to them is the cost of what it
+    // adds.
+    let ch = Arc::new(ch);
     Ok(tokio::spawn(async move {
         let (client, slots) = match &work {
             Work::Post { concurrency, .. } => {
@@ -80,11 +86,13 @@ pub async fn start(
             match (&work, &client) {
                 (Work::AckOnly(rec), _) => {
                     rec.record(&delivery.data, "");
-                    let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                    let _ = ch
+                        .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+                        .await;
                 }
                 (Work::Post { url, .. }, Some(client)) => {
                     let permit = slots.clone().acquire_owned().await.expect("never closed");
-                    let (client, url) = (client.clone(), url.clone());
+                    let (client, url, ch) = (client.clone(), url.clone(), ch.clone());
                     tokio::spawn(async move {
                         let request = Request::builder()
                             .method(Method::POST)
@@ -97,7 +105,9 @@ pub async fn start(
                             Ok(Ok(r)) if r.status().is_success()
                         );
                         if ok {
-                            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                            let _ = ch
+                                .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+                                .await;
                         } else {
                             let _ = delivery
                                 .acker
