@@ -46,7 +46,7 @@ use crate::events::{
     MessageReceived, MessageRequeued, RepublishFailed, RetryScheduled, SettleFailed,
 };
 use crate::gate::AppGate;
-use crate::headers::{self, DeliveryInfo};
+use crate::headers::{self, DeliveryInfo, QueueHeaders};
 use crate::health::{Health, State};
 use crate::metrics::{CancelReason, Metrics, QueueSeries};
 use crate::policy::{self, DeadLetterReason, Decision, Limits, Outcome};
@@ -219,6 +219,7 @@ async fn consume_session(
         consuming: channel.clone(),
         series: shared.metrics.queue_series(sub.queue()),
         http_target: HttpTarget::new("POST", sub.dispatcher.target()),
+        headers: QueueHeaders::new(sub.queue()),
     });
     let queue = sub.queue();
     let mut consumer_number = 0u32;
@@ -360,6 +361,8 @@ struct Ctx {
     series: QueueSeries,
     /// The CLIENT span attributes of calls to the app.
     http_target: HttpTarget,
+    /// The HTTP headers every delivery from this queue starts with.
+    headers: QueueHeaders,
 }
 
 /// Takes deliveries off the consumer as they come (so health sees every message the broker
@@ -681,7 +684,7 @@ async fn process(ctx: &Ctx, message: InHand<'_>) -> bool {
     }
 
     let props = &delivery.properties;
-    let mut http_headers = headers::to_http(&DeliveryInfo {
+    let mut http_headers = ctx.headers.for_delivery(&DeliveryInfo {
         queue,
         exchange: delivery.exchange.as_str(),
         routing_key: delivery.routing_key.as_str(),
