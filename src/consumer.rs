@@ -377,15 +377,19 @@ async fn pump(ctx: &Arc<Ctx>, consumer: &mut Consumer) -> Pump {
     // The loop turns once per delivery, so what it waits on lives across turns: made afresh
     // each turn, these futures joined and left their wait lists every time (a measurable share
     // of the per-message cost). A slot request stays queued at the semaphore the same way.
-    let shutdown = shared.shutdown.cancelled();
-    let app_down = shared.gate.wait_down();
-    tokio::pin!(shutdown, app_down);
+    // One token for the gate closing and the shutdown: one wait polled per turn, not two.
+    let closing = shared.gate.closing();
+    let stop = closing.cancelled();
+    tokio::pin!(stop);
     let mut slots = PollSemaphore::new(sub.slots.clone());
     let ended = loop {
         tokio::select! {
             biased;
-            _ = &mut shutdown => break Pump::Shutdown,
-            _ = &mut app_down => break Pump::AppDown,
+            _ = &mut stop => break if shared.shutdown.is_cancelled() {
+                Pump::Shutdown
+            } else {
+                Pump::AppDown
+            },
             _ = tick.tick() => shared.health.tick(sub.queue()),
             permit = std::future::poll_fn(|cx| slots.poll_acquire(cx)), if !waiting.is_empty() => {
                 let permit = permit.expect("the semaphore is never closed");
