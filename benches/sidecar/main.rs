@@ -530,10 +530,10 @@ fn cases(opts: &Opts) -> Vec<Case> {
 /// that over as many rounds as a group has members each member runs once in each position.
 ///
 /// Why: with the order fixed, "tracing on" (always run right after "tracing off") measured 0.65 ×
-/// tracing off with 16 KiB messages, and 1.2 × with the two swapped. Where a 16 KiB case stands
-/// among the others moves it by up to a third, whatever the consumer, and not always in the same
-/// direction; the cause is not found (the broker's CPU is idle between cases). Rotating spreads
-/// it over every member of a group alike.
+/// tracing off with 16 KiB messages, and 1.2 × with the two swapped: where a 16 KiB case stood
+/// decided whether the broker's quorum WAL rolled over during its drain. Each case now starts on
+/// a fresh WAL ([`rig::settle_quorum_wal`]); rotating still spreads whatever else depends on the
+/// position over every member of a group alike.
 fn round_order(cases: &[Case], round: usize) -> Vec<usize> {
     let key = |c: &Case| (c.size, c.consumer.concurrency(), c.app_delay);
     let mut order = Vec::with_capacity(cases.len());
@@ -902,8 +902,8 @@ async fn run(opts: Opts) -> Result<(), String> {
     } else {
         // Rounds run every case in turn, so a burst of noise from elsewhere on the machine hits
         // one round of many cases rather than every round of one case. The cases compared with
-        // each other (same size, concurrency and app) also take turns at going first: where a
-        // 16 KiB case stood moved it by up to a third, whatever the consumer (see `round_order`).
+        // each other (same size, concurrency and app) also take turns at going first (see
+        // `round_order`).
         let cases = cases(&opts);
         let mut rounds: Vec<Vec<CaseResult>> = vec![Vec::new(); cases.len()];
         for round in 1..=opts.repeat {
