@@ -355,8 +355,9 @@ struct Ctx {
     session: Arc<Session>,
     /// The channel with publisher confirms, for retried and dead-lettered copies.
     publisher: Channel,
-    /// A task keeps the consuming channel open until its message is settled: dropping the last
-    /// handle would close it and requeue the message.
+    /// The channel the deliveries come on, and their acks go back on (see [`ack`]). A task also
+    /// keeps it open until its message is settled: dropping the last handle would close it and
+    /// requeue the message.
     consuming: Channel,
     series: QueueSeries,
     /// The CLIENT span attributes of calls to the app.
