@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
@@ -383,7 +383,7 @@ async fn pump(ctx: &Arc<Ctx>, consumer: &mut Consumer) -> Pump {
     let stop = closing.cancelled();
     tokio::pin!(stop);
     let mut slots = PollSemaphore::new(sub.slots.clone());
-    let ended = loop {
+    let ended = 'pump: loop {
         tokio::select! {
             biased;
             _ = &mut stop => break if shared.shutdown.is_cancelled() {
@@ -397,23 +397,30 @@ async fn pump(ctx: &Arc<Ctx>, consumer: &mut Consumer) -> Pump {
                 let received = waiting.pop_front().expect("waited only when not empty");
                 shared.tasks.spawn(handle(ctx.clone(), received, Some(permit)));
             }
-            next = consumer.next() => match next {
-                Some(Ok(delivery)) => {
-                    let received = receive(ctx, delivery);
-                    if policy::exhausted_on_arrival(received.attempt, &sub.limits) {
-                        // Dead-lettered without asking the app: it needs no slot.
-                        shared.tasks.spawn(handle(ctx.clone(), received, None));
-                    } else if waiting.is_empty()
-                        && let Ok(permit) = sub.slots.clone().try_acquire_owned()
-                    {
-                        shared.tasks.spawn(handle(ctx.clone(), received, Some(permit)));
-                    } else {
-                        waiting.push_back(received);
+            next = consumer.next() => {
+                // The broker sends deliveries in bursts: take the ones already here without
+                // another turn of this loop, which would poll the stop token and the tick again
+                // for each. Bounded, so that a stop or a tick waits for at most one burst.
+                let mut next = next;
+                let mut taken = 0;
+                loop {
+                    match next {
+                        Some(Ok(delivery)) => take(ctx, delivery, &mut waiting),
+                        Some(Err(e)) => break 'pump Pump::Error(e),
+                        None => break 'pump Pump::BrokerCancelled,
+                    }
+                    taken += 1;
+                    if taken == BURST {
+                        break;
+                    }
+                    // Polled without a waker: when nothing is here, the next turn's `select!`
+                    // polls the consumer again with this task's waker before it sleeps.
+                    match consumer.next().now_or_never() {
+                        Some(more) => next = more,
+                        None => break,
                     }
                 }
-                Some(Err(e)) => break Pump::Error(e),
-                None => break Pump::BrokerCancelled,
-            },
+            }
         }
     };
     let why = match &ended {
@@ -438,6 +445,28 @@ async fn pump(ctx: &Arc<Ctx>, consumer: &mut Consumer) -> Pump {
         shared.health.settled(sub.queue(), received.id, false);
     }
     ended
+}
+
+/// How many deliveries that are already waiting [`pump`] takes in one turn.
+const BURST: usize = 32;
+
+/// Starts a task for a delivery if a slot is free and none is waiting before it; otherwise it
+/// waits in `waiting`.
+fn take(ctx: &Arc<Ctx>, delivery: Delivery, waiting: &mut VecDeque<Box<Received>>) {
+    let (sub, shared) = (&ctx.sub, &ctx.shared);
+    let received = receive(ctx, delivery);
+    if policy::exhausted_on_arrival(received.attempt, &sub.limits) {
+        // Dead-lettered without asking the app: it needs no slot.
+        shared.tasks.spawn(handle(ctx.clone(), received, None));
+    } else if waiting.is_empty()
+        && let Ok(permit) = sub.slots.clone().try_acquire_owned()
+    {
+        shared
+            .tasks
+            .spawn(handle(ctx.clone(), received, Some(permit)));
+    } else {
+        waiting.push_back(received);
+    }
 }
 
 /// A delivery taken off the consumer: counted, tracked by health, its attempt worked out.

@@ -75,6 +75,52 @@ async fn acks_on_2xx_and_maps_headers() {
     broker.cleanup().await;
 }
 
+/// A backlog is what the broker sends in bursts of up to the prefetch: the consumer takes what is
+/// already there in one go. Every message of the burst must reach the app and be acked, with none
+/// left unacked on the channel.
+#[tokio::test]
+async fn a_backlog_many_times_the_prefetch_is_drained_whole() {
+    let broker = Broker::connect().await;
+    let queue = unique("backlog");
+    broker.declare(&queue, false, false).await;
+    let ids = broker.publish_n(&queue, 600, "b").await;
+    let app = App::start().await;
+    let url = app.url();
+    let sidecar = Sidecar::spawn(&args(
+        &queue,
+        &url,
+        &["--prefetch", "128", "--concurrency", "64"],
+    ));
+    sidecar.wait_ready(Duration::from_secs(20)).await;
+    assert!(
+        sidecar
+            .wait_metric(
+                &format!("rabbit_sidecar_acks_total{{{}}}", q(&queue)),
+                600.0,
+                Duration::from_secs(30)
+            )
+            .await,
+        "acked {} of 600",
+        sidecar
+            .metric(&format!("rabbit_sidecar_acks_total{{{}}}", q(&queue)))
+            .await
+    );
+    let got: HashSet<String> = app.ids().into_iter().collect();
+    assert_eq!(got, ids.into_iter().collect::<HashSet<_>>());
+    assert_eq!(app.count(), 600, "each message once");
+    assert!(
+        sidecar
+            .wait_metric(
+                &format!("rabbit_sidecar_in_flight_messages{{{}}}", q(&queue)),
+                0.0,
+                Duration::from_secs(5)
+            )
+            .await
+    );
+    assert_eq!(broker.count(&queue).await, Some((0, 1)));
+    broker.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_400_is_dead_lettered_at_once_with_reasons() {
     let broker = Broker::connect().await;
