@@ -27,6 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
+use hyper::header::HOST;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
@@ -219,7 +220,10 @@ async fn consume_session(
         consuming: channel.clone(),
         series: shared.metrics.queue_series(sub.queue()),
         http_target: HttpTarget::new("POST", sub.dispatcher.target()),
-        headers: QueueHeaders::new(sub.queue()),
+        headers: match sub.dispatcher.host() {
+            Some(host) => QueueHeaders::new(sub.queue()).with_fixed(HOST, host.clone()),
+            None => QueueHeaders::new(sub.queue()),
+        },
     });
     let queue = sub.queue();
     let mut consumer_number = 0u32;

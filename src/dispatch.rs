@@ -68,6 +68,12 @@ impl Dispatcher {
         &self.target
     }
 
+    /// The `Host` header of every request. A caller that builds the same headers for many
+    /// requests can put it in them once; [`Dispatcher::dispatch`] adds it only where missing.
+    pub fn host(&self) -> Option<&HeaderValue> {
+        self.host.as_ref()
+    }
+
     pub fn prober(&self) -> &Prober {
         &self.probe
     }
@@ -81,7 +87,9 @@ impl Dispatcher {
             .body(Full::new(body))
             .expect("a valid URI and method always build a request");
         *request.headers_mut() = headers;
-        if let Some(host) = &self.host {
+        if let Some(host) = &self.host
+            && !request.headers().contains_key(HOST)
+        {
             request.headers_mut().insert(HOST, host.clone());
         }
         let call = async {

@@ -119,6 +119,14 @@ impl QueueHeaders {
         }
     }
 
+    /// Adds a header every request from this consumer carries whatever the message, such as
+    /// `Host`: set here once, it is copied with the rest instead of being inserted (and the map
+    /// grown) for each message.
+    pub fn with_fixed(mut self, name: HeaderName, value: HeaderValue) -> QueueHeaders {
+        self.base.insert(name, value);
+        self
+    }
+
     /// The HTTP headers for one delivery from this queue. Never fails: what cannot be mapped is
     /// left out.
     pub fn for_delivery(&self, info: &DeliveryInfo<'_>) -> HeaderMap {
