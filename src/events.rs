@@ -321,7 +321,8 @@ pub struct SettleFailed<'a> {
 }
 
 impl Event for SettleFailed<'_> {
-    fn emit(self, _m: &Metrics) {
+    fn emit(self, m: &Metrics) {
+        m.settle_failures.with_label_values(&[self.queue]).inc();
         warn!(
             queue = self.queue,
             error = self.error,

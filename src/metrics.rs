@@ -114,6 +114,7 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     pub dead_letters: IntCounterVec,
     pub dead_letter_failures: IntCounterVec,
+    pub settle_failures: IntCounterVec,
     pub reconnects: IntCounter,
     pub connection_losses: IntCounterVec,
     pub connect_failures: IntCounter,
@@ -210,6 +211,12 @@ impl Metrics {
                 &r,
                 "rabbit_sidecar_dead_letter_failures_total",
                 "Dead-letter publishes the broker did not confirm; the original went back to the queue.",
+                q,
+            ),
+            settle_failures: counter_vec(
+                &r,
+                "rabbit_sidecar_settle_failures_total",
+                "Acks and nacks that could not be sent because the message's channel was gone; the broker redelivers those messages.",
                 q,
             ),
             reconnects: single(
@@ -385,6 +392,7 @@ impl Metrics {
             self.dead_letters.with_label_values(&[queue, r.as_str()]);
         }
         self.dead_letter_failures.with_label_values(&[queue]);
+        self.settle_failures.with_label_values(&[queue]);
         for r in CancelReason::ALL {
             self.consumer_cancellations
                 .with_label_values(&[queue, r.as_str()]);

@@ -409,6 +409,69 @@ async fn closed_connection_reconnects_and_loses_nothing() {
     broker.cleanup().await;
 }
 
+/// The connection closes while the app holds a message: the ack that follows the app's 2xx cannot
+/// be sent. It is counted, and the broker's redelivery is processed and acked on the next
+/// connection, so the message is handled twice and lost never.
+#[tokio::test]
+async fn an_ack_after_the_connection_closed_is_counted_and_the_message_comes_back() {
+    let broker = Broker::connect().await;
+    let queue = unique("settlefail");
+    broker.track(&queue);
+    let app = App::start().await;
+    app.set_delay(Duration::from_secs(4));
+    let url = app.url();
+    let sidecar = Sidecar::spawn(&args(
+        &queue,
+        &url,
+        &["--prefetch", "1", "--concurrency", "1"],
+    ));
+    sidecar.wait_ready(Duration::from_secs(20)).await;
+    let settle_failures = format!("rabbit_sidecar_settle_failures_total{{{}}}", q(&queue));
+    assert_eq!(sidecar.metric(&settle_failures).await, 0.0);
+    let ids = broker.publish_n(&queue, 1, "s").await;
+    assert!(eventually(Duration::from_secs(10), || async { app.count() == 1 }).await);
+    // The app holds it for 4 s; the connection goes now, and later answers come at once.
+    app.set_delay(Duration::ZERO);
+    let needle = format!("pid {}", sidecar.pid());
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            close_connections_named(&needle) > 0
+        })
+        .await
+    );
+    assert!(
+        sidecar
+            .wait_metric(&settle_failures, 1.0, Duration::from_secs(20))
+            .await,
+        "settle failures {}; logs:\n{}",
+        sidecar.metric(&settle_failures).await,
+        sidecar.logs()
+    );
+    assert!(
+        sidecar
+            .wait_metric(
+                &format!("rabbit_sidecar_acks_total{{{}}}", q(&queue)),
+                1.0,
+                Duration::from_secs(30)
+            )
+            .await,
+        "the redelivery is acked; logs:\n{}",
+        sidecar.logs()
+    );
+    let received = app.received();
+    assert_eq!(received.len(), 2, "delivered, then redelivered");
+    assert!(received.iter().all(|r| r.id() == ids[0]));
+    assert_eq!(received[1].header("x-amqp-redelivered"), Some("true"));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            broker.count(&queue).await == Some((0, 1))
+        })
+        .await
+    );
+    assert!(sidecar.logs().contains("could not settle a message"));
+    broker.cleanup().await;
+}
+
 #[tokio::test]
 async fn kill_9_hands_unacked_messages_to_another_sidecar() {
     let broker = Broker::connect().await;
