@@ -379,9 +379,9 @@ async fn pump(ctx: &Arc<Ctx>, consumer: &mut Consumer) -> Pump {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // Never longer than the prefetch: the broker sends no more unacknowledged messages.
     let mut waiting: VecDeque<Box<Received>> = VecDeque::with_capacity(usize::from(sub.prefetch));
-    // The loop turns once per delivery, so what it waits on lives across turns: made afresh
-    // each turn, these futures joined and left their wait lists every time (a measurable share
-    // of the per-message cost). A slot request stays queued at the semaphore the same way.
+    // The loop turns once per delivery (or burst), so what it waits on lives across turns: made
+    // afresh each turn, these futures joined and left their wait lists every time (a measurable
+    // share of the per-message cost). A slot request stays queued at the semaphore the same way.
     // One token for the gate closing and the shutdown: one wait polled per turn, not two.
     let closing = shared.gate.closing();
     let stop = closing.cancelled();
