@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::header::{HOST, HeaderMap, HeaderValue};
+use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Method, Request, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -37,8 +37,8 @@ pub struct Answer {
 pub struct Dispatcher {
     client: Client<HttpConnector, Full<Bytes>>,
     target: Uri,
-    /// The `Host` header of every request, worked out once (the client would format it anew
-    /// for each one).
+    /// The `Host` header of every request, worked out once for callers to reuse (the client
+    /// formats it anew for each request that lacks one).
     host: Option<HeaderValue>,
     timeout: Duration,
     probe: Prober,
@@ -68,8 +68,9 @@ impl Dispatcher {
         &self.target
     }
 
-    /// The `Host` header of every request. A caller that builds the same headers for many
-    /// requests can put it in them once; [`Dispatcher::dispatch`] adds it only where missing.
+    /// The `Host` header of every request, worked out once. A caller that builds the same
+    /// headers for many requests puts it in them once; where it is missing, the HTTP client
+    /// formats it from the target for each request.
     pub fn host(&self) -> Option<&HeaderValue> {
         self.host.as_ref()
     }
@@ -78,7 +79,8 @@ impl Dispatcher {
         &self.probe
     }
 
-    /// POSTs `body` with `headers` to the target and waits at most the handler timeout.
+    /// POSTs `body` with `headers` (with [`Dispatcher::host`] among them, or the client adds
+    /// `Host` itself) to the target and waits at most the handler timeout.
     pub async fn dispatch(&self, body: Bytes, headers: HeaderMap) -> Answer {
         let started = Instant::now();
         let mut request = Request::builder()
@@ -87,11 +89,6 @@ impl Dispatcher {
             .body(Full::new(body))
             .expect("a valid URI and method always build a request");
         *request.headers_mut() = headers;
-        if let Some(host) = &self.host
-            && !request.headers().contains_key(HOST)
-        {
-            request.headers_mut().insert(HOST, host.clone());
-        }
         let call = async {
             match self.client.request(request).await {
                 Ok(response) => {
