@@ -426,7 +426,9 @@ fn child_stats(sidecar: &Option<SidecarProc>, bare: &Option<BareProc>) -> Option
     }
 }
 
-/// The round with the median throughput stands for the case; peak RSS is the highest of all.
+/// The round with the median throughput stands for the case (the upper of the two middle rounds
+/// when their number is even: a round that ran, with its latency and CPU); peak RSS is the
+/// highest of all.
 fn median_of(mut rounds: Vec<CaseResult>) -> CaseResult {
     let runs: Vec<f64> = rounds.iter().map(|r| r.msgs_per_s).collect();
     let peak = rounds
