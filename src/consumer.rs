@@ -729,6 +729,7 @@ async fn process(ctx: &Ctx, message: InHand<'_>) -> bool {
         redelivered: delivery.redelivered,
         attempt,
         properties: props,
+        body_len: body.len(),
     });
     let mut client_span = trace.dispatch_span(&ctx.http_target);
     trace.inject_http(&client_span, &mut http_headers);

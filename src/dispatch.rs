@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::header::{HeaderMap, HeaderValue};
+use hyper::header::{CONTENT_LENGTH, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -80,9 +80,15 @@ impl Dispatcher {
     }
 
     /// POSTs `body` with `headers` (with [`Dispatcher::host`] among them, or the client adds
-    /// `Host` itself) to the target and waits at most the handler timeout.
+    /// `Host` itself) to the target and waits at most the handler timeout. `headers` may carry
+    /// a `Content-Length`, which must then be the body's length: the HTTP client frames the body
+    /// by it. Without one, the client adds it.
     pub async fn dispatch(&self, body: Bytes, headers: HeaderMap) -> Answer {
         let started = Instant::now();
+        debug_assert!(
+            content_length_fits(&headers, body.len()),
+            "a Content-Length that is not the body's"
+        );
         let mut request = Request::builder()
             .method(Method::POST)
             .uri(self.target.clone())
@@ -136,6 +142,16 @@ impl Dispatcher {
             elapsed: started.elapsed(),
             detail,
         }
+    }
+}
+
+/// Whether `headers` has no `Content-Length`, or exactly one that says `len`.
+fn content_length_fits(headers: &HeaderMap, len: usize) -> bool {
+    let mut given = headers.get_all(CONTENT_LENGTH).iter();
+    match (given.next(), given.next()) {
+        (None, _) => true,
+        (Some(v), None) => v.to_str().ok().and_then(|v| v.parse().ok()) == Some(len),
+        (Some(_), Some(_)) => false,
     }
 }
 
@@ -249,5 +265,23 @@ impl Prober {
                 )
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_content_length_fits_only_when_it_is_the_bodys_length() {
+        let mut h = HeaderMap::new();
+        assert!(content_length_fits(&h, 5));
+        h.insert(CONTENT_LENGTH, HeaderValue::from(5));
+        assert!(content_length_fits(&h, 5));
+        assert!(!content_length_fits(&h, 16_384));
+        h.append(CONTENT_LENGTH, HeaderValue::from(5));
+        assert!(!content_length_fits(&h, 5));
+        h.insert(CONTENT_LENGTH, HeaderValue::from_static("five"));
+        assert!(!content_length_fits(&h, 5));
     }
 }

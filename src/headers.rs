@@ -17,6 +17,7 @@
 //! | consumed queue                | `X-Amqp-Queue`                    |
 //! | redelivered flag              | `X-Amqp-Redelivered` (`true`/`false`) |
 //! | attempt number (1-based)      | `X-Amqp-Attempt`                  |
+//! | body length                   | `Content-Length`                  |
 //! | header `name` (string, number, boolean, timestamp) | `X-Amqp-Header-name` |
 //!
 //! A user header whose name is not a valid HTTP token or whose value cannot be an HTTP header value
@@ -24,7 +25,7 @@
 //! the body and the message are untouched either way. `traceparent`/`tracestate` are not copied:
 //! the trace module writes the app's own context.
 
-use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{CONTENT_LENGTH, HeaderMap, HeaderName, HeaderValue};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 
@@ -50,6 +51,8 @@ pub struct DeliveryInfo<'a> {
     pub redelivered: bool,
     pub attempt: u32,
     pub properties: &'a BasicProperties,
+    /// The length of the body the request carries.
+    pub body_len: usize,
 }
 
 /// The names of the headers [`to_http`] writes, built at compile time.
@@ -87,7 +90,8 @@ pub fn to_http(info: &DeliveryInfo<'_>) -> HeaderMap {
 /// Why: the six headers every message has (content type, exchange, routing key, queue,
 /// redelivered, attempt) were each hashed and inserted for every message, a tenth of what the
 /// sidecar itself spends per message. A copy of a finished map hashes nothing, and the queue's
-/// value is checked once.
+/// value is checked once. `Content-Length` has its place in the template too: a copy is exactly
+/// as long as its entries, so the HTTP client inserting it would grow every copy.
 #[derive(Debug, Clone)]
 pub struct QueueHeaders {
     base: HeaderMap,
@@ -112,6 +116,9 @@ impl QueueHeaders {
         }
         base.insert(name::REDELIVERED, HeaderValue::from_static("false"));
         base.insert(name::ATTEMPT, HeaderValue::from_static("1"));
+        // Written by the HTTP client otherwise, which would grow every copy by one entry (a copy
+        // has no spare room: the clone of a map is as long as its entries).
+        base.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
         QueueHeaders {
             base,
             #[cfg(debug_assertions)]
@@ -142,7 +149,7 @@ impl QueueHeaders {
             .content_type()
             .as_ref()
             .and_then(|ct| header_value(ct.as_str()));
-        // The six headers every message has, filled in where they stand in the copy: no hashing.
+        // The seven headers every message has, filled in where they stand in the copy: no hashing.
         for (name, value) in h.iter_mut() {
             let filled = if name == hyper::header::CONTENT_TYPE {
                 content_type.take()
@@ -154,6 +161,8 @@ impl QueueHeaders {
                 Some(HeaderValue::from_static("true"))
             } else if name == name::ATTEMPT && info.attempt != 1 {
                 Some(HeaderValue::from(info.attempt))
+            } else if name == CONTENT_LENGTH && info.body_len != 0 {
+                Some(HeaderValue::from(info.body_len))
             } else {
                 None
             };
@@ -294,6 +303,7 @@ mod tests {
             redelivered: true,
             attempt: 2,
             properties: props,
+            body_len: 3,
         }
     }
 
@@ -307,6 +317,7 @@ mod tests {
             redelivered: false,
             attempt: 1,
             properties: &props,
+            body_len: 3,
         });
         assert_eq!(h["x-amqp-routing-key"], "orders");
         assert_eq!(h["x-amqp-queue"], "orders");
@@ -319,6 +330,7 @@ mod tests {
             redelivered: false,
             attempt: 1,
             properties: &props,
+            body_len: 3,
         });
         assert!(!h.contains_key("x-amqp-routing-key"));
         assert!(!h.contains_key("x-amqp-queue"));
@@ -337,7 +349,9 @@ mod tests {
             redelivered: true,
             attempt: 3,
             properties: &first,
+            body_len: 16_384,
         });
+        assert_eq!(h["content-length"], "16384");
         assert_eq!(h["content-type"], "application/json");
         assert_eq!(h["x-amqp-message-id"], "m-1");
         assert!(!h.contains_key("x-amqp-exchange"));
@@ -352,8 +366,10 @@ mod tests {
             redelivered: false,
             attempt: 1,
             properties: &plain,
+            body_len: 0,
         };
         let h = template.for_delivery(&info);
+        assert_eq!(h["content-length"], "0");
         assert_eq!(h["content-type"], "application/octet-stream");
         assert!(!h.contains_key("x-amqp-message-id"));
         assert_eq!(h["x-amqp-exchange"], "shop");

@@ -82,6 +82,7 @@ fn field_table() -> impl Strategy<Value = FieldTable> {
 }
 
 const FIXED: &[&str] = &[
+    "content-length",
     "content-type",
     "content-encoding",
     "x-amqp-message-id",
@@ -187,8 +188,10 @@ proptest! {
             redelivered,
             attempt,
             properties: &props,
+            body_len: 3,
         });
         prop_assert!(h.contains_key("content-type"));
+        prop_assert_eq!(h["content-length"].to_str().unwrap(), "3");
         prop_assert_eq!(h["x-amqp-attempt"].to_str().unwrap(), attempt.to_string());
         check_headers(&h, &t);
     }
