@@ -2,7 +2,7 @@
 # The performance benchmark against the local broker (see docs/performance.md).
 #
 #   scripts/bench.sh --quick   # a few thousand messages, concurrency 16, one failover: < 2 minutes (CI)
-#   scripts/bench.sh           # the full table and every failover scenario: about 20 minutes
+#   scripts/bench.sh           # the full table (12 rounds) and every failover scenario: 30-40 minutes
 #   scripts/bench.sh --soak    # 1M messages at 2000/s: RSS and fds over time (about 9 minutes)
 #
 # Further options go to the bench: --json FILE, --queue-type classic, --messages N,

@@ -146,9 +146,11 @@ fn parse_args() -> Result<Opts, String> {
         }
     }
     if o.repeat == 0 {
-        // Six: every case of a group (baseline 2, tracing off, tracing on) goes first, second and
-        // third twice (see `round_order`), and the paired ratios have six rounds to their median.
-        o.repeat = if o.mode == Mode::Full { 6 } else { 1 };
+        // Twelve: every case of a group (baseline 2, tracing off, tracing on) goes first, second
+        // and third four times (see `round_order`). Six rounds were too few: single paired
+        // ratios spread from 0.6 to 1.5 on these VMs, and two runs of six on one build each
+        // missed a different case by a few hundredths (docs/performance.md).
+        o.repeat = if o.mode == Mode::Full { 12 } else { 1 };
     }
     Ok(o)
 }
