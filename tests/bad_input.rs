@@ -68,7 +68,7 @@ async fn all_delivered_intact(
     queue: &str,
     sent: &[(String, Vec<u8>)],
 ) {
-    let acks = format!("rabbit_sidecar_acks_total{{{}}}", q(queue));
+    let acks = series("rabbit_sidecar_acks_total", queue);
     let n = sent.len() as f64;
     assert!(
         eventually(Duration::from_secs(30), || async {
@@ -115,17 +115,11 @@ async fn all_delivered_intact(
     }
     let m = sidecar.metrics().await;
     assert_eq!(
-        metric_value(
-            &m,
-            &format!("rabbit_sidecar_in_flight_messages{{{}}}", q(queue))
-        ),
+        metric_value(&m, &series("rabbit_sidecar_in_flight_messages", queue)),
         Some(0.0)
     );
     assert_eq!(
-        metric_value(
-            &m,
-            &format!("rabbit_sidecar_deliveries_total{{{}}}", q(queue))
-        ),
+        metric_value(&m, &series("rabbit_sidecar_deliveries_total", queue)),
         Some(n),
         "no redelivery"
     );
@@ -556,7 +550,7 @@ async fn attempt_counters_of_the_wrong_type_count_as_zero() {
             .await;
         sent.push((id.to_string(), body));
     }
-    let acks = format!("rabbit_sidecar_acks_total{{{}}}", q(&queue));
+    let acks = series("rabbit_sidecar_acks_total", &queue);
     let n = sent.len() as f64;
     assert!(
         eventually(Duration::from_secs(30), || async {

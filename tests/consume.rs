@@ -43,7 +43,7 @@ async fn acks_on_2xx_and_maps_headers() {
     assert!(
         sidecar
             .wait_metric(
-                &format!("rabbit_sidecar_acks_total{{{}}}", q(&queue)),
+                &series("rabbit_sidecar_acks_total", &queue),
                 50.0,
                 Duration::from_secs(5)
             )
@@ -51,15 +51,12 @@ async fn acks_on_2xx_and_maps_headers() {
     );
     let m = sidecar.metrics().await;
     assert_eq!(
-        metric_value(
-            &m,
-            &format!("rabbit_sidecar_deliveries_total{{{}}}", q(&queue))
-        ),
+        metric_value(&m, &series("rabbit_sidecar_deliveries_total", &queue)),
         Some(50.0)
     );
     assert_eq!(metric_value(&m, "rabbit_sidecar_connection_up"), Some(1.0));
     assert_eq!(
-        metric_value(&m, &format!("rabbit_sidecar_consumer_up{{{}}}", q(&queue))),
+        metric_value(&m, &series("rabbit_sidecar_consumer_up", &queue)),
         Some(1.0)
     );
     assert_eq!(
@@ -92,18 +89,13 @@ async fn a_backlog_many_times_the_prefetch_is_drained_whole() {
         &["--prefetch", "128", "--concurrency", "64"],
     ));
     sidecar.wait_ready(Duration::from_secs(20)).await;
+    let acks = series("rabbit_sidecar_acks_total", &queue);
     assert!(
         sidecar
-            .wait_metric(
-                &format!("rabbit_sidecar_acks_total{{{}}}", q(&queue)),
-                600.0,
-                Duration::from_secs(30)
-            )
+            .wait_metric(&acks, 600.0, Duration::from_secs(30))
             .await,
         "acked {} of 600",
-        sidecar
-            .metric(&format!("rabbit_sidecar_acks_total{{{}}}", q(&queue)))
-            .await
+        sidecar.metric(&acks).await
     );
     let got: HashSet<String> = app.ids().into_iter().collect();
     assert_eq!(got, ids.into_iter().collect::<HashSet<_>>());
@@ -111,7 +103,7 @@ async fn a_backlog_many_times_the_prefetch_is_drained_whole() {
     assert!(
         sidecar
             .wait_metric(
-                &format!("rabbit_sidecar_in_flight_messages{{{}}}", q(&queue)),
+                &series("rabbit_sidecar_in_flight_messages", &queue),
                 0.0,
                 Duration::from_secs(5)
             )
@@ -271,14 +263,7 @@ async fn retries_then_dead_letters(quorum: bool) {
         ),
         Some(1.0)
     );
-    assert!(
-        metric_value(
-            &m,
-            &format!("rabbit_sidecar_redeliveries_total{{{}}}", q(&queue))
-        )
-        .unwrap()
-            >= 2.0
-    );
+    assert!(metric_value(&m, &series("rabbit_sidecar_redeliveries_total", &queue)).unwrap() >= 2.0);
     broker.cleanup().await;
 }
 
@@ -426,7 +411,7 @@ async fn an_ack_after_the_connection_closed_is_counted_and_the_message_comes_bac
         &["--prefetch", "1", "--concurrency", "1"],
     ));
     sidecar.wait_ready(Duration::from_secs(20)).await;
-    let settle_failures = format!("rabbit_sidecar_settle_failures_total{{{}}}", q(&queue));
+    let settle_failures = series("rabbit_sidecar_settle_failures_total", &queue);
     assert_eq!(sidecar.metric(&settle_failures).await, 0.0);
     let ids = broker.publish_n(&queue, 1, "s").await;
     assert!(eventually(Duration::from_secs(10), || async { app.count() == 1 }).await);
@@ -450,7 +435,7 @@ async fn an_ack_after_the_connection_closed_is_counted_and_the_message_comes_bac
     assert!(
         sidecar
             .wait_metric(
-                &format!("rabbit_sidecar_acks_total{{{}}}", q(&queue)),
+                &series("rabbit_sidecar_acks_total", &queue),
                 1.0,
                 Duration::from_secs(30)
             )
@@ -490,7 +475,7 @@ async fn kill_9_hands_unacked_messages_to_another_sidecar() {
     assert!(
         first
             .wait_metric(
-                &format!("rabbit_sidecar_in_flight_messages{{{}}}", q(&queue)),
+                &series("rabbit_sidecar_in_flight_messages", &queue),
                 10.0,
                 Duration::from_secs(10)
             )
@@ -517,7 +502,7 @@ async fn kill_9_hands_unacked_messages_to_another_sidecar() {
     assert!(
         second
             .wait_metric(
-                &format!("rabbit_sidecar_redeliveries_total{{{}}}", q(&queue)),
+                &series("rabbit_sidecar_redeliveries_total", &queue),
                 10.0,
                 Duration::from_secs(5)
             )
@@ -545,11 +530,11 @@ async fn single_active_consumer_standby_takes_over_after_kill_9() {
     assert!(
         eventually(Duration::from_secs(10), || async {
             standby
-                .metric(&format!("rabbit_sidecar_consumer_active{{{}}}", q(&queue)))
+                .metric(&series("rabbit_sidecar_consumer_active", &queue))
                 .await
                 == 0.0
                 && active
-                    .metric(&format!("rabbit_sidecar_consumer_active{{{}}}", q(&queue)))
+                    .metric(&series("rabbit_sidecar_consumer_active", &queue))
                     .await
                     == 1.0
         })
@@ -562,7 +547,7 @@ async fn single_active_consumer_standby_takes_over_after_kill_9() {
                 .await
                 .is_some_and(|(_, s)| s.contains("\"standby\""))
                 && standby
-                    .metric(&format!("rabbit_sidecar_consumer_active{{{}}}", q(&queue)))
+                    .metric(&series("rabbit_sidecar_consumer_active", &queue))
                     .await
                     == 0.0
         })
@@ -589,7 +574,7 @@ async fn single_active_consumer_standby_takes_over_after_kill_9() {
     assert!(
         standby
             .wait_metric(
-                &format!("rabbit_sidecar_consumer_active{{{}}}", q(&queue)),
+                &series("rabbit_sidecar_consumer_active", &queue),
                 1.0,
                 Duration::from_secs(10)
             )
@@ -669,7 +654,7 @@ async fn sigterm_grace_deadline_returns_unfinished_messages() {
     assert!(
         sidecar
             .wait_metric(
-                &format!("rabbit_sidecar_in_flight_messages{{{}}}", q(&queue)),
+                &series("rabbit_sidecar_in_flight_messages", &queue),
                 3.0,
                 Duration::from_secs(10)
             )
@@ -756,7 +741,7 @@ async fn management_api_tells_active_from_standby() {
     active.wait_ready(Duration::from_secs(20)).await;
     let standby = Sidecar::spawn(&args(&queue, &ub, &extra));
     standby.wait_ready(Duration::from_secs(20)).await;
-    let series = format!("rabbit_sidecar_consumer_active{{{}}}", q(&queue));
+    let series = series("rabbit_sidecar_consumer_active", &queue);
     // No traffic at all: only the management API can tell the two apart. The standby's gauge
     // reads 0 before its first poll too, so wait for its status to say so as well.
     assert!(

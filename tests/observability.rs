@@ -97,7 +97,7 @@ async fn promtool_accepts_a_live_scrape_after_acks_retries_and_dead_letters() {
         .await;
     broker.publish(&queue, b"poison", Default::default()).await;
     let series = [
-        format!("rabbit_sidecar_acks_total{{{}}}", q(&queue)),
+        series("rabbit_sidecar_acks_total", &queue),
         format!(
             "rabbit_sidecar_nacks_total{{{},requeue=\"true\"}}",
             q(&queue)
@@ -343,7 +343,7 @@ async fn probes_answer_in_milliseconds_while_every_slot_is_taken() {
     assert!(
         sidecar
             .wait_metric(
-                &format!("rabbit_sidecar_in_flight_messages{{{}}}", q(&queue)),
+                &series("rabbit_sidecar_in_flight_messages", &queue),
                 8.0,
                 Duration::from_secs(15)
             )
@@ -541,7 +541,7 @@ async fn a_message_near_the_delivery_ack_timeout_is_warned_about_once() {
             .await,
         2.0
     );
-    let warnings = format!("rabbit_sidecar_ack_timeout_warnings_total{{{}}}", q(&queue));
+    let warnings = series("rabbit_sidecar_ack_timeout_warnings_total", &queue);
     assert_eq!(sidecar.metric(&warnings).await, 0.0);
     broker.publish(&queue, b"slow", Default::default()).await;
     assert!(
@@ -551,7 +551,7 @@ async fn a_message_near_the_delivery_ack_timeout_is_warned_about_once() {
         "warned at 80% of 2s; logs:\n{}",
         sidecar.logs()
     );
-    let age = format!("rabbit_sidecar_oldest_unacked_age_seconds{{{}}}", q(&queue));
+    let age = series("rabbit_sidecar_oldest_unacked_age_seconds", &queue);
     assert!(
         eventually(Duration::from_secs(5), || async {
             sidecar.metric(&age).await > 1.5
@@ -625,7 +625,7 @@ async fn status_has_its_documented_shape_and_no_secret_leaks_anywhere() {
     assert!(
         sidecar
             .wait_metric(
-                &format!("rabbit_sidecar_acks_total{{{}}}", q(&queue)),
+                &series("rabbit_sidecar_acks_total", &queue),
                 3.0,
                 Duration::from_secs(10)
             )
@@ -739,7 +739,7 @@ async fn the_admin_server_refuses_bad_requests_and_keeps_serving() {
     assert!(
         sidecar
             .wait_metric(
-                &format!("rabbit_sidecar_queue_consumers{{{}}}", q(&queue)),
+                &series("rabbit_sidecar_queue_consumers", &queue),
                 1.0,
                 Duration::from_secs(10)
             )

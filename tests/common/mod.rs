@@ -100,6 +100,11 @@ pub fn q(queue: &str) -> String {
     format!("queue=\"{queue}\"")
 }
 
+/// The series of `metric` for `queue`, as it appears in a scrape: `metric{queue="…"}`.
+pub fn series(metric: &str, queue: &str) -> String {
+    format!("{metric}{{{}}}", q(queue))
+}
+
 // ---------------------------------------------------------------- broker
 
 pub struct Broker {
