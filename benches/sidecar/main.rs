@@ -698,24 +698,20 @@ fn judge(
     soak: Option<&Value>,
 ) -> Vec<(String, String, Option<bool>)> {
     let mut out = Vec::new();
+    let find = |consumer: Consumer, size: usize, delay: Duration| {
+        results.iter().find(|r| {
+            r.case.size == size && r.case.app_delay == delay && r.case.consumer == consumer
+        })
+    };
     let sidecar = |c: usize, tracing: bool, size: usize, delay: Duration| {
-        results.iter().find(|r| {
-            r.case.size == size
-                && r.case.app_delay == delay
-                && r.case.consumer
-                    == Consumer::Sidecar {
-                        concurrency: c,
-                        tracing,
-                    }
-        })
+        let consumer = Consumer::Sidecar {
+            concurrency: c,
+            tracing,
+        };
+        find(consumer, size, delay)
     };
-    let bare = |c: usize, size: usize| {
-        results.iter().find(|r| {
-            r.case.size == size
-                && r.case.app_delay.is_zero()
-                && r.case.consumer == Consumer::Bare { concurrency: c }
-        })
-    };
+    let bare =
+        |c: usize, size: usize| find(Consumer::Bare { concurrency: c }, size, Duration::ZERO);
     let sizes: Vec<usize> = {
         let mut s: Vec<usize> = results.iter().map(|r| r.case.size).collect();
         s.sort_unstable();
