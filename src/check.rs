@@ -6,9 +6,9 @@ use std::fmt::Write;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 
+use crate::app::Prober;
 use crate::broker;
 use crate::config::Config;
-use crate::dispatch::Prober;
 
 /// Why the check failed; the binary maps it to an exit code (69, `EX_UNAVAILABLE`).
 #[derive(Debug, thiserror::Error)]

@@ -1,32 +1,40 @@
 //! rabbit-sidecar: consumes a RabbitMQ queue on behalf of an application, hands each message to it
 //! over HTTP, and settles the message by the app's answer, with failover and observability.
 //!
-//! Data flows one way: [`broker`] (connection, nodes, backoff) → [`consumer`] (deliveries, slots)
-//! → [`dispatch`] (HTTP to the app) → [`policy`] (the decision) → ack, retry or dead-letter.
-//! [`events`], [`metrics`] and [`health`] are leaves every stage may use. [`run`] wires them; the
-//! binary in `main.rs` only parses configuration and picks the exit code.
+//! The parts, by folder:
+//!
+//! - [`config`] and [`cli`]: every setting, from flags, `RABBIT_SIDECAR_*` variables and a TOML
+//!   file, validated into one [`config::Config`].
+//! - `broker`: the connection (nodes, backoff, loss and recovery), the queues a subscription
+//!   needs, and the periodic polls of queue depth and consumers.
+//! - `pipeline`: one consumer loop per subscription, the only place where the broker, the app
+//!   and the policy meet. A message goes intake → dispatch → decide → settle.
+//! - `app`: HTTP to the app (knows nothing of AMQP), and the gate that pauses consuming while
+//!   the app is unreachable.
+//! - `policy`: the decision, a pure function from the app's answer and the attempts so far.
+//! - [`telemetry`]: logs, metrics and traces; every observable event is one type whose `emit`
+//!   logs and counts.
+//! - `admin`: `/metrics`, `/healthz`, `/readyz`, `/status` on a thread of their own, and the
+//!   shared health state behind them.
+//! - [`check`], [`remediate`]: the other subcommands.
+//!
+//! Data flows one way: broker → pipeline → app → policy → settle. Telemetry and health are
+//! leaves every stage may use. [`run()`] wires the parts; the binary only parses configuration
+//! and picks the exit code.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod app;
 pub mod broker;
 pub mod check;
 pub mod cli;
 pub mod config;
-pub mod consumer;
-pub mod dispatch;
 pub mod encode;
-pub mod events;
-pub mod gate;
 pub mod headers;
-pub mod health;
-pub mod management;
-pub mod metrics;
-pub mod monitor;
-pub mod otlp;
+pub mod pipeline;
 pub mod policy;
 pub mod remediate;
 pub mod run;
-pub mod span_batch;
 pub mod telemetry;
-pub mod topology;
-pub mod trace;
+
+pub use run::{RunError, run};

@@ -104,11 +104,11 @@ async fn main() -> ExitCode {
     );
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
-    let result = rabbit_sidecar::run::run(config, listener, shutdown).await;
+    let result = rabbit_sidecar::run(config, listener, shutdown).await;
     telemetry.shutdown().await;
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e @ rabbit_sidecar::run::RunError::Topology(_)) => {
+        Err(e @ rabbit_sidecar::RunError::Topology(_)) => {
             tracing::error!(error = %e, "stopping: the broker's topology conflicts with the configuration");
             eprintln!("rabbit-sidecar: {e}");
             ExitCode::from(EX_CONFIG)

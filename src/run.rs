@@ -9,17 +9,16 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::health::{Health, State};
 use crate::admin::{self, Admin};
+use crate::app::{AppGate, Dispatcher, Prober};
 use crate::broker;
+use crate::broker::monitor;
+use crate::broker::topology::QueueSpec;
 use crate::config::Config;
-use crate::consumer::{self, Shared, Subscription};
-use crate::dispatch::{Dispatcher, Prober};
-use crate::gate::AppGate;
-use crate::health::{Health, State};
-use crate::metrics::Metrics;
-use crate::monitor;
+use crate::pipeline::{self, Shared, Subscription};
 use crate::policy::Limits;
-use crate::topology::QueueSpec;
+use crate::telemetry::metrics::Metrics;
 
 /// Why the sidecar stopped other than by a signal.
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +56,7 @@ pub async fn run(
 
     let (sessions_tx, sessions) = watch::channel(None);
     let broker_stop = CancellationToken::new();
-    let broker_task = tokio::spawn(broker::run(
+    let broker_task = tokio::spawn(broker::session::run(
         config.clone(),
         metrics.clone(),
         health.clone(),
@@ -118,7 +117,7 @@ pub async fn run(
                     config.app_health_url.clone(),
                 ),
             ));
-            tokio::spawn(consumer::run(
+            tokio::spawn(pipeline::run(
                 subscription,
                 shared.clone(),
                 sessions.clone(),

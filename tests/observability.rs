@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use rabbit_sidecar::metrics::{CancelReason, HANDLER_OUTCOMES, LossReason};
 use rabbit_sidecar::policy::{DeadLetterReason, RetryReason};
+use rabbit_sidecar::telemetry::metrics::{CancelReason, HANDLER_OUTCOMES, LossReason};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Every `rabbit_sidecar_*` family name written as a string literal in `src/metrics.rs`: the
@@ -180,7 +180,7 @@ async fn every_family_and_known_label_value_exists_at_zero_on_the_first_scrape()
             "{family} has a real HELP text: {text:?}"
         );
     }
-    let library: BTreeSet<String> = rabbit_sidecar::metrics::Metrics::new(&[&queue])
+    let library: BTreeSet<String> = rabbit_sidecar::telemetry::metrics::Metrics::new(&[&queue])
         .family_names()
         .into_iter()
         .collect();

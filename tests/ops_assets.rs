@@ -15,7 +15,7 @@ use serde_yaml::Value;
 /// Every family the sidecar really exports, with the series names a histogram adds: taken from
 /// the sidecar's own registry, so renaming a metric without its dashboards and rules fails here.
 fn exported_series_names() -> BTreeSet<String> {
-    let metrics = rabbit_sidecar::metrics::Metrics::new(&["q"]);
+    let metrics = rabbit_sidecar::telemetry::metrics::Metrics::new(&["q"]);
     let mut names = BTreeSet::new();
     for family in metrics.registry().gather() {
         let name = family.name().to_string();

@@ -12,7 +12,7 @@ use opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_sc
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use prost::Message as _;
-use rabbit_sidecar::otlp::encode_request;
+use rabbit_sidecar::telemetry::otlp::encode_request;
 
 fn resource() -> Resource {
     Resource::builder_empty()

@@ -20,8 +20,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
 use prost::Message as _;
-use rabbit_sidecar::telemetry::{LogFormat, SHUTDOWN_GRACE, Telemetry};
-use rabbit_sidecar::trace::{DeliveryMeta, HttpTarget, MessageTrace};
+use rabbit_sidecar::telemetry::setup::{LogFormat, SHUTDOWN_GRACE, Telemetry};
+use rabbit_sidecar::telemetry::trace::{DeliveryMeta, HttpTarget, MessageTrace};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 

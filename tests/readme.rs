@@ -24,7 +24,7 @@ fn every_flag_and_variable_is_in_the_configuration_table() {
 #[test]
 fn every_metric_family_is_in_the_metrics_table() {
     let readme = readme();
-    let metrics = rabbit_sidecar::metrics::Metrics::new(&["q"]);
+    let metrics = rabbit_sidecar::telemetry::metrics::Metrics::new(&["q"]);
     for name in metrics.family_names() {
         if name.starts_with("process_") {
             continue;

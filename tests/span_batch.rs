@@ -22,7 +22,7 @@ use opentelemetry_sdk::trace::{
     InMemorySpanExporter, Sampler, SamplingDecision, SamplingResult, SdkTracer, SdkTracerProvider,
     ShouldSample, SpanData, SpanEvents, SpanExporter, SpanLinks, SpanProcessor,
 };
-use rabbit_sidecar::span_batch::{BatchConfig, SpanBatcher};
+use rabbit_sidecar::telemetry::span_batch::{BatchConfig, SpanBatcher};
 use tokio::sync::Semaphore;
 
 /// How long to wait for the export task before failing a test.

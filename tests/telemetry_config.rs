@@ -5,8 +5,8 @@ use std::collections::HashMap;
 
 use hyper::HeaderMap;
 use lapin::types::{AMQPValue, FieldTable, LongString};
+use rabbit_sidecar::telemetry::trace::{DeliveryMeta, HttpTarget, MessageTrace};
 use rabbit_sidecar::telemetry::{LogFormat, Telemetry, TelemetryError};
-use rabbit_sidecar::trace::{DeliveryMeta, HttpTarget, MessageTrace};
 
 /// Nothing listens here: building an exporter connects lazily, and these tests never flush.
 const NOWHERE: &str = "http://127.0.0.1:9";

@@ -10,8 +10,8 @@ use lapin::types::{AMQPValue, ByteArray, FieldArray, FieldTable, LongString, Sho
 use opentelemetry::trace::{SpanId, SpanKind, Status, TraceId, TracerProvider as _};
 use opentelemetry::{KeyValue, Value};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
-use rabbit_sidecar::telemetry::{LogFormat, Telemetry, otel_layer};
-use rabbit_sidecar::trace::{
+use rabbit_sidecar::telemetry::setup::{LogFormat, Telemetry, otel_layer};
+use rabbit_sidecar::telemetry::trace::{
     DeliveryMeta, HttpTarget, MessageTrace, extract_context, parse_traceparent,
 };
 use tracing_subscriber::layer::SubscriberExt as _;

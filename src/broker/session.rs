@@ -16,10 +16,12 @@ use rand::Rng;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::health::Health;
 use crate::config::{AmqpNode, Config};
-use crate::events::{ConnectFailed, Connected, ConnectionBlocked, ConnectionLost, Event};
-use crate::health::Health;
-use crate::metrics::{LossReason, Metrics};
+use crate::telemetry::events::{
+    ConnectFailed, Connected, ConnectionBlocked, ConnectionLost, Event,
+};
+use crate::telemetry::metrics::{LossReason, Metrics};
 
 /// One live connection to one node.
 #[derive(Debug)]

@@ -21,11 +21,11 @@
 //! | `OTEL_BSP_EXPORT_TIMEOUT` | timeout of one export, milliseconds (default: the exporter's timeout) |
 //!
 //! With no endpoint no tracer is installed at all, so a delivery costs one lean `tracing` span
-//! and nothing more; [`crate::trace`] still hands the producer's context on. A bad value is an
+//! and nothing more; [`super::trace`] still hands the producer's context on. A bad value is an
 //! error naming the variable, so a typo fails at start rather than silently losing traces.
 //!
-//! Finished spans are batched by [`crate::span_batch`] and, for http/protobuf, encoded and sent
-//! by [`crate::otlp`]; gRPC export uses the OTLP exporter crate, which reads the headers
+//! Finished spans are batched by [`super::span_batch`] and, for http/protobuf, encoded and sent
+//! by [`super::otlp`]; gRPC export uses the OTLP exporter crate, which reads the headers
 //! variables from the process environment itself.
 //!
 //! Export runs on the tokio runtime (batch task, tonic or hyper without TLS or proxies), so
@@ -33,7 +33,7 @@
 //! before it stops: that flushes what is queued and gives up after [`SHUTDOWN_GRACE`]. Merely
 //! dropping the handle stops export in the background with no promise that anything is flushed.
 //!
-//! Only the spans [`crate::trace`] builds reach the exporter, whatever `RUST_LOG` says: the log
+//! Only the spans [`super::trace`] builds reach the exporter, whatever `RUST_LOG` says: the log
 //! filter cannot switch traces off, and the exporter's own HTTP/gRPC stack does not trace itself.
 
 use std::fmt;
@@ -48,8 +48,8 @@ use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 use tracing::Subscriber;
 
-use crate::otlp::{HttpExporter, parse_headers};
-use crate::span_batch::{BatchConfig, SpanBatcher};
+use crate::telemetry::otlp::{HttpExporter, parse_headers};
+use crate::telemetry::span_batch::{BatchConfig, SpanBatcher};
 use tracing_subscriber::filter::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -262,12 +262,12 @@ fn shut_down_in_background(
 }
 
 /// The layer that carries the tracer as production installs it, for tests that bring their own
-/// tracer (an in-memory exporter). Spans are built by [`crate::trace`] with it directly.
+/// tracer (an in-memory exporter). Spans are built by [`super::trace`] with it directly.
 pub fn otel_layer<S>(tracer: SdkTracer) -> impl Layer<S> + Send + Sync
 where
     S: Subscriber + for<'span> LookupSpan<'span> + Send + Sync,
 {
-    crate::trace::tracer_layer(tracer)
+    crate::telemetry::trace::tracer_layer(tracer)
 }
 
 /// What the OTLP exporter needs, read from the standard variables.

@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::health::{Health, State};
+use crate::broker::management::Management;
 use crate::broker::{Sessions, queue_stats};
 use crate::config::Config;
-use crate::events::{AckTimeoutWarning, Event};
-use crate::health::{Health, State};
-use crate::management::Management;
-use crate::metrics::Metrics;
+use crate::telemetry::events::{AckTimeoutWarning, Event};
+use crate::telemetry::metrics::Metrics;
 
 /// Sets the time-derived gauges from the health state. Also called on every scrape.
 pub fn refresh(metrics: &Metrics, health: &Health, queues: &[String]) {

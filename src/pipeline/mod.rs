@@ -14,7 +14,7 @@
 //!   always durable in the broker, never only in this process's memory, and takes no prefetch slot;
 //! - **dead-letter**: publish a copy with the reasons to the dead-letter queue, ack the original
 //!   after the confirm;
-//! - **requeue** (the app is unreachable): `basic.nack` with requeue, and the [gate](crate::gate)
+//! - **requeue** (the app is unreachable): `basic.nack` with requeue, and the [gate](crate::app::gate)
 //!   pauses consuming.
 //!
 //! If a copy is not confirmed the original is held for the retry backoff and then requeued, so a
@@ -40,19 +40,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::sync::PollSemaphore;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::health::{Health, State};
+use crate::app::AppGate;
+use crate::app::Dispatcher;
+use crate::broker::topology::{self, QueueSpec};
 use crate::broker::{Session, Sessions, backoff};
-use crate::dispatch::Dispatcher;
-use crate::events::{
+use crate::headers::{self, DeliveryInfo, QueueHeaders};
+use crate::policy::{self, DeadLetterReason, Decision, Limits, Outcome};
+use crate::telemetry::events::{
     ConsumerStarted, ConsumerStopped, DeadLettered, Event, HandlerAnswered, MessageAcked,
     MessageReceived, MessageRequeued, RepublishFailed, RetryScheduled, SettleFailed,
 };
-use crate::gate::AppGate;
-use crate::headers::{self, DeliveryInfo, QueueHeaders};
-use crate::health::{Health, State};
-use crate::metrics::{CancelReason, Metrics, QueueSeries};
-use crate::policy::{self, DeadLetterReason, Decision, Limits, Outcome};
-use crate::topology::{self, QueueSpec};
-use crate::trace::{DeliveryMeta, HttpTarget, MessageTrace};
+use crate::telemetry::metrics::{CancelReason, Metrics, QueueSeries};
+use crate::telemetry::trace::{DeliveryMeta, HttpTarget, MessageTrace};
 
 /// How long a copy may wait for the broker's confirm (a blocked connection waits here).
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);

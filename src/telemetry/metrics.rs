@@ -2,7 +2,7 @@
 //! Names here are exact; renaming one breaks users. Label values come from enums or the configured
 //! queue names, never from message content, so cardinality is fixed at start-up.
 //!
-//! Nothing outside [`crate::events`] and the health/status collectors writes to these.
+//! Nothing outside [`crate::telemetry::events`] and the health/status collectors writes to these.
 
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,

@@ -9,10 +9,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::Prober;
-use crate::events::{AppAvailability, Event};
-use crate::health::Health;
-use crate::metrics::Metrics;
+use crate::admin::health::Health;
+use crate::app::dispatch::Prober;
+use crate::telemetry::events::{AppAvailability, Event};
+use crate::telemetry::metrics::Metrics;
 
 #[derive(Clone, Debug)]
 pub struct AppGate {

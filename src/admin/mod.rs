@@ -11,6 +11,8 @@
 //! Only `GET` (and `HEAD`) are served; anything else is 405, unknown paths 404. Request heads are
 //! capped at 16 KiB and bodies are never read, so an oversized or malformed request costs nothing.
 
+pub mod health;
+
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,9 +26,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
-use crate::health::Health;
-use crate::metrics::Metrics;
-use crate::monitor;
+use self::health::Health;
+use crate::broker::monitor;
+use crate::telemetry::metrics::Metrics;
 
 #[derive(Clone, Debug)]
 pub struct Admin {

@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::{debug, error, info, warn};
 
-use crate::metrics::{CancelReason, LossReason, Metrics, QueueSeries};
 use crate::policy::{DeadLetterReason, RetryReason};
+use crate::telemetry::metrics::{CancelReason, LossReason, Metrics, QueueSeries};
 
 /// Something that happened, logged and counted in one step.
 pub trait Event {
@@ -176,7 +176,7 @@ impl Event for MessageReceived<'_> {
 pub struct HandlerAnswered<'a> {
     pub queue: &'a str,
     pub series: &'a QueueSeries,
-    /// One of [`crate::metrics::HANDLER_OUTCOMES`].
+    /// One of [`crate::telemetry::metrics::HANDLER_OUTCOMES`].
     pub outcome: &'static str,
     pub elapsed: Duration,
     pub status: Option<u16>,

@@ -1,0 +1,9 @@
+//! The app behind the sidecar: how a message is handed to it ([`dispatch`], HTTP, knows nothing
+//! of AMQP), and whether it can take messages at all ([`gate`]: pause consuming while nothing
+//! listens, probe, resume).
+
+pub mod dispatch;
+pub mod gate;
+
+pub(crate) use dispatch::{Dispatcher, Prober};
+pub(crate) use gate::AppGate;

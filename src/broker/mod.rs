@@ -1,0 +1,11 @@
+//! Everything that talks to the broker itself, apart from the consuming: the connection
+//! ([`session`]: nodes, backoff, loss and recovery), the queues a subscription needs
+//! ([`topology`]), the periodic polls of queue depth and consumers ([`monitor`]), and the
+//! management API ([`management`]).
+
+pub mod management;
+pub mod monitor;
+pub mod session;
+pub mod topology;
+
+pub(crate) use session::{Session, Sessions, backoff, connect, hostname, queue_stats, tls_config};
