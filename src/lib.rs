@@ -31,7 +31,7 @@ pub mod cli;
 pub mod config;
 pub mod encode;
 pub mod headers;
-pub mod pipeline;
+mod pipeline;
 pub mod policy;
 pub mod remediate;
 pub mod run;

@@ -57,6 +57,30 @@ impl Outcome {
             Outcome::Unreachable => None,
         }
     }
+
+    /// What went wrong on the wire when the app gave no HTTP answer (`error.type` of the call's
+    /// span): `unreachable`, `timeout` or `connection_reset`. `None` when it answered.
+    pub fn wire_failure(&self) -> Option<&'static str> {
+        match *self {
+            Outcome::Retryable {
+                reason,
+                status: None,
+            } => Some(reason.as_str()),
+            Outcome::Unreachable => Some("unreachable"),
+            _ => None,
+        }
+    }
+
+    /// The `error.type` a message's span gets when it was not acked: the failure class, not the
+    /// status (the client span carries that).
+    pub fn failure_class(&self) -> &'static str {
+        match self {
+            Outcome::Success { .. } => "",
+            Outcome::Rejected { .. } => "rejected",
+            Outcome::Retryable { reason, .. } => reason.as_str(),
+            Outcome::Unreachable => "unreachable",
+        }
+    }
 }
 
 /// Why a retry was scheduled. The label values of `rabbit_sidecar_retries_total{reason}`.
@@ -122,13 +146,13 @@ pub enum Decision {
 }
 
 impl Decision {
-    /// The label value of `rabbit_sidecar_handler_duration_seconds{outcome}` for a decision.
-    pub fn label(&self) -> &'static str {
+    /// The decision's name in traces (`rabbit_sidecar.decision`) and logs.
+    pub fn as_str(&self) -> &'static str {
         match self {
             Decision::Ack => "ack",
             Decision::Retry { .. } => "retry",
             Decision::DeadLetter { .. } => "dead_letter",
-            Decision::Requeue => "unreachable",
+            Decision::Requeue => "requeue",
         }
     }
 }

@@ -11,14 +11,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use rabbit_sidecar::policy::{DeadLetterReason, RetryReason};
-use rabbit_sidecar::telemetry::metrics::{CancelReason, HANDLER_OUTCOMES, LossReason};
+use rabbit_sidecar::telemetry::metrics::{CancelReason, HandlerOutcome, LossReason};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Every `rabbit_sidecar_*` family name written as a string literal in `src/metrics.rs`: the
+/// Every `rabbit_sidecar_*` family name written as a string literal in `src/telemetry/metrics.rs`: the
 /// contract as the source states it, independent of what the binary happens to register.
 fn families_in_source() -> BTreeSet<String> {
-    let src =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/metrics.rs")).unwrap();
+    let src = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/telemetry/metrics.rs"
+    ))
+    .unwrap();
     let mut out = BTreeSet::new();
     for piece in src.split('"').skip(1).step_by(2) {
         if piece.starts_with("rabbit_sidecar_")
@@ -169,7 +172,7 @@ async fn every_family_and_known_label_value_exists_at_zero_on_the_first_scrape()
     let source = families_in_source();
     assert!(
         source.len() >= 25,
-        "found the families in src/metrics.rs: {source:?}"
+        "found the families in src/telemetry/metrics.rs: {source:?}"
     );
     for family in &source {
         let text = help
@@ -200,7 +203,7 @@ async fn every_family_and_known_label_value_exists_at_zero_on_the_first_scrape()
         .collect();
     assert!(
         undocumented.is_empty(),
-        "families exported but not named in src/metrics.rs: {undocumented:?}"
+        "families exported but not named in src/telemetry/metrics.rs: {undocumented:?}"
     );
 
     let ql = q(&queue);
@@ -251,7 +254,7 @@ async fn every_family_and_known_label_value_exists_at_zero_on_the_first_scrape()
             r.as_str()
         ));
     }
-    for o in HANDLER_OUTCOMES {
+    for o in HandlerOutcome::ALL.map(HandlerOutcome::as_str) {
         zero.push(format!(
             "rabbit_sidecar_handler_duration_seconds_count{{outcome=\"{o}\",{ql}}}"
         ));

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{debug, error, info, warn};
 
 use crate::policy::{DeadLetterReason, RetryReason};
-use crate::telemetry::metrics::{CancelReason, LossReason, Metrics, QueueSeries};
+use crate::telemetry::metrics::{CancelReason, HandlerOutcome, LossReason, Metrics, QueueSeries};
 
 /// Something that happened, logged and counted in one step.
 pub trait Event {
@@ -176,25 +176,20 @@ impl Event for MessageReceived<'_> {
 pub struct HandlerAnswered<'a> {
     pub queue: &'a str,
     pub series: &'a QueueSeries,
-    /// One of [`crate::telemetry::metrics::HANDLER_OUTCOMES`].
-    pub outcome: &'static str,
+    pub outcome: HandlerOutcome,
     pub elapsed: Duration,
     pub status: Option<u16>,
     pub detail: &'a str,
 }
 
 impl Event for HandlerAnswered<'_> {
-    fn emit(self, m: &Metrics) {
-        match self.series.handler_duration(self.outcome) {
-            Some(h) => h.observe(self.elapsed.as_secs_f64()),
-            None => m
-                .handler_duration
-                .with_label_values(&[self.queue, self.outcome])
-                .observe(self.elapsed.as_secs_f64()),
-        }
+    fn emit(self, _: &Metrics) {
+        self.series
+            .handler_duration(self.outcome)
+            .observe(self.elapsed.as_secs_f64());
         debug!(
             queue = self.queue,
-            outcome = self.outcome,
+            outcome = self.outcome.as_str(),
             status = self.status,
             elapsed_ms = self.elapsed.as_millis() as u64,
             detail = self.detail,
@@ -219,9 +214,36 @@ impl Event for MessageAcked<'_> {
     }
 }
 
+/// Why the sidecar gave a message back to its queue untouched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReturnReason {
+    /// The app is unreachable: the consumer pauses and other replicas take the work.
+    AppUnreachable,
+    /// SIGTERM arrived before the message was started.
+    Shutdown,
+    /// The shutdown grace ran out while the app held the message.
+    ShutdownDeadline,
+    /// The broker cancelled the consumer before the message was started.
+    ConsumerCancelled,
+    /// The retry or dead-letter copy was not confirmed.
+    CopyNotConfirmed,
+}
+
+impl ReturnReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReturnReason::AppUnreachable => "app unreachable",
+            ReturnReason::Shutdown => "shutdown",
+            ReturnReason::ShutdownDeadline => "shutdown deadline reached",
+            ReturnReason::ConsumerCancelled => "consumer cancelled",
+            ReturnReason::CopyNotConfirmed => "copy not confirmed",
+        }
+    }
+}
+
 pub struct MessageRequeued<'a> {
     pub queue: &'a str,
-    pub why: &'static str,
+    pub why: ReturnReason,
 }
 
 impl Event for MessageRequeued<'_> {
@@ -229,7 +251,7 @@ impl Event for MessageRequeued<'_> {
         m.nacks.with_label_values(&[self.queue, "true"]).inc();
         info!(
             queue = self.queue,
-            why = self.why,
+            why = self.why.as_str(),
             "message returned to the queue"
         );
     }
@@ -292,23 +314,38 @@ impl Event for DeadLettered<'_> {
     }
 }
 
+/// The two kinds of copy the sidecar publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyKind {
+    Retry,
+    DeadLetter,
+}
+
+impl CopyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CopyKind::Retry => "retry",
+            CopyKind::DeadLetter => "dead_letter",
+        }
+    }
+}
+
 pub struct RepublishFailed<'a> {
     pub queue: &'a str,
-    /// `dead_letter` or `retry`.
-    pub what: &'static str,
+    pub what: CopyKind,
     pub error: &'a str,
 }
 
 impl Event for RepublishFailed<'_> {
     fn emit(self, m: &Metrics) {
-        if self.what == "dead_letter" {
+        if self.what == CopyKind::DeadLetter {
             m.dead_letter_failures
                 .with_label_values(&[self.queue])
                 .inc();
         }
         error!(
             queue = self.queue,
-            what = self.what,
+            what = self.what.as_str(),
             error = self.error,
             "the broker did not confirm the copy; the original goes back to the queue"
         );

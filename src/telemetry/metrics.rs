@@ -9,7 +9,7 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::policy::{DeadLetterReason, RetryReason};
+use crate::policy::{DeadLetterReason, Decision, Outcome, RetryReason};
 
 /// Why a connection was lost: the label values of `rabbit_sidecar_connection_losses_total{reason}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,11 +75,55 @@ impl CancelReason {
     }
 }
 
-/// The `outcome` label values of `rabbit_sidecar_handler_duration_seconds`.
-pub const HANDLER_OUTCOMES: [&str; 5] = ["ack", "retry", "dead_letter", "timeout", "unreachable"];
+/// How a call to the app ended: the `outcome` label of `rabbit_sidecar_handler_duration_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandlerOutcome {
+    Ack,
+    Retry,
+    DeadLetter,
+    /// A retry because the app did not answer within `--handler-timeout`.
+    Timeout,
+    /// Nothing listened: the message went back to the queue.
+    Unreachable,
+}
+
+impl HandlerOutcome {
+    pub const ALL: [HandlerOutcome; 5] = [
+        HandlerOutcome::Ack,
+        HandlerOutcome::Retry,
+        HandlerOutcome::DeadLetter,
+        HandlerOutcome::Timeout,
+        HandlerOutcome::Unreachable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandlerOutcome::Ack => "ack",
+            HandlerOutcome::Retry => "retry",
+            HandlerOutcome::DeadLetter => "dead_letter",
+            HandlerOutcome::Timeout => "timeout",
+            HandlerOutcome::Unreachable => "unreachable",
+        }
+    }
+
+    /// The outcome of a call that answered `outcome` and on which the policy decided `decision`.
+    /// `timeout` is the handler deadline passing; an HTTP 408 is an answer, labelled `retry`.
+    pub fn of(decision: &Decision, outcome: &Outcome) -> HandlerOutcome {
+        match decision {
+            Decision::Ack => HandlerOutcome::Ack,
+            Decision::Retry {
+                reason: RetryReason::Timeout,
+                ..
+            } if outcome.status().is_none() => HandlerOutcome::Timeout,
+            Decision::Retry { .. } => HandlerOutcome::Retry,
+            Decision::DeadLetter { .. } => HandlerOutcome::DeadLetter,
+            Decision::Requeue => HandlerOutcome::Unreachable,
+        }
+    }
+}
 
 /// One queue's per-message series, resolved once per consumer session: a lookup by label
-/// values hashes them and takes a lock, several times per message otherwise.
+/// values hashes them and takes a lock.
 #[derive(Clone, Debug)]
 pub struct QueueSeries {
     pub deliveries: IntCounter,
@@ -89,17 +133,13 @@ pub struct QueueSeries {
     pub acks: IntCounter,
     pub last_ack: Gauge,
     pub delivery_attempts: Histogram,
-    /// In the order of [`HANDLER_OUTCOMES`].
-    handler_duration: [Histogram; HANDLER_OUTCOMES.len()],
+    /// In the order of [`HandlerOutcome::ALL`].
+    handler_duration: [Histogram; HandlerOutcome::ALL.len()],
 }
 
 impl QueueSeries {
-    /// The handler latency series of `outcome`, one of [`HANDLER_OUTCOMES`].
-    pub fn handler_duration(&self, outcome: &str) -> Option<&Histogram> {
-        HANDLER_OUTCOMES
-            .iter()
-            .position(|o| *o == outcome)
-            .map(|i| &self.handler_duration[i])
+    pub fn handler_duration(&self, outcome: HandlerOutcome) -> &Histogram {
+        &self.handler_duration[outcome as usize]
     }
 }
 
@@ -406,8 +446,9 @@ impl Metrics {
         self.oldest_unacked_age.with_label_values(&[queue]);
         self.queue_messages_ready.with_label_values(&[queue]);
         self.queue_consumers.with_label_values(&[queue]);
-        for o in HANDLER_OUTCOMES {
-            self.handler_duration.with_label_values(&[queue, o]);
+        for o in HandlerOutcome::ALL {
+            self.handler_duration
+                .with_label_values(&[queue, o.as_str()]);
         }
         self.delivery_attempts.with_label_values(&[queue]);
         self.message_age.with_label_values(&[queue]);
@@ -423,8 +464,10 @@ impl Metrics {
             acks: self.acks.with_label_values(&[queue]),
             last_ack: self.last_ack.with_label_values(&[queue]),
             delivery_attempts: self.delivery_attempts.with_label_values(&[queue]),
-            handler_duration: HANDLER_OUTCOMES
-                .map(|o| self.handler_duration.with_label_values(&[queue, o])),
+            handler_duration: HandlerOutcome::ALL.map(|o| {
+                self.handler_duration
+                    .with_label_values(&[queue, o.as_str()])
+            }),
         }
     }
 

@@ -1,0 +1,199 @@
+//! One message's task: continue the producer's trace, hand the message to the app (dispatch), ask
+//! the [policy](crate::policy) what its answer means (decide), and do it ([`super::settle`]).
+
+use bytes::Bytes;
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::copies::Failure;
+use super::intake::Received;
+use super::{Ctx, InHand, emit_healthy, settle};
+use crate::app::dispatch::Answer;
+use crate::headers::DeliveryInfo;
+use crate::policy::{self, DeadLetterReason, Decision, Outcome};
+use crate::telemetry::events::{HandlerAnswered, ReturnReason};
+use crate::telemetry::metrics::HandlerOutcome;
+use crate::telemetry::trace::{DeliveryMeta, MessageTrace};
+
+/// Handles one received message: with a slot (`permit`) when it goes to the app, without one
+/// when it is dead-lettered on arrival.
+pub(super) async fn handle(
+    ctx: std::sync::Arc<Ctx>,
+    mut received: Box<Received>,
+    permit: Option<OwnedSemaphorePermit>,
+) {
+    let queue = ctx.sub.queue();
+    let id = received.id;
+    // The body goes to the app and, for a retry or dead letter, to the broker again: taken out
+    // of the delivery once and shared rather than copied per use.
+    let body = Bytes::from(std::mem::take(&mut received.delivery.data));
+    // Borrowed where it stands: the delivery stays in its box (see `Received`).
+    let delivery = &received.delivery;
+    let props = &delivery.properties;
+    let trace = MessageTrace::start(&DeliveryMeta {
+        queue,
+        exchange: delivery.exchange.as_str(),
+        routing_key: delivery.routing_key.as_str(),
+        delivery_tag: delivery.delivery_tag,
+        message_id: props.message_id().as_ref().map(|s| s.as_str()),
+        correlation_id: props.correlation_id().as_ref().map(|s| s.as_str()),
+        body_size: body.len(),
+        server_address: &ctx.session.host,
+        server_port: ctx.session.port,
+        headers: props.headers().as_ref(),
+    });
+    let msg = InHand {
+        delivery,
+        body: &body,
+        attempt: received.attempt,
+        trace: &trace,
+    };
+    // Boxed: inline, the whole call's state (HTTP request, timeouts, settlement) would make every
+    // task's future several kilobytes, copied each time the task is created and moved.
+    let acked = if received.exhausted {
+        Box::pin(dead_letter_on_arrival(&ctx, &msg)).await
+    } else {
+        Box::pin(process(&ctx, &msg, id)).await
+    };
+    ctx.shared.health.settled(queue, id, acked);
+    drop(permit);
+}
+
+/// A message delivered more often than `--max-deliveries` without a decision: consumers died
+/// holding it (it may be what kills them). It is dead-lettered without asking the app.
+async fn dead_letter_on_arrival(ctx: &Ctx, msg: &InHand<'_>) -> bool {
+    let detail =
+        "delivered more often than --max-deliveries without a decision (consumers died holding it)";
+    let reason = DeadLetterReason::MaxDeliveries;
+    msg.trace
+        .record_decision(Decision::DeadLetter { reason }.as_str(), detail);
+    let failure = Failure {
+        status: None,
+        detail,
+    };
+    settle::dead_letter(ctx, msg, reason, failure).await
+}
+
+/// Dispatch, decide, settle. Returns whether the message was acked (it left the queue for good).
+async fn process(ctx: &Ctx, msg: &InHand<'_>, id: u64) -> bool {
+    let shared = &ctx.shared;
+    let queue = ctx.sub.queue();
+    // The gate may have closed since the pump started this task.
+    if !shared.gate.is_up() {
+        settle::give_back(
+            shared,
+            queue,
+            msg.delivery,
+            ReturnReason::AppUnreachable,
+            Some(msg.trace),
+        )
+        .await;
+        return false;
+    }
+    shared.health.dispatch_started(queue, id);
+    let Some(answer) = dispatch(ctx, msg).await else {
+        msg.trace.record_decision(
+            Decision::Requeue.as_str(),
+            ReturnReason::ShutdownDeadline.as_str(),
+        );
+        settle::give_back(
+            shared,
+            queue,
+            msg.delivery,
+            ReturnReason::ShutdownDeadline,
+            Some(msg.trace),
+        )
+        .await;
+        return false;
+    };
+    shared.health.dispatch_finished(queue, id);
+    let decision = decide(ctx, msg, &answer);
+    let failure = Failure {
+        status: answer.outcome.status(),
+        detail: &answer.detail,
+    };
+    match decision {
+        Decision::Ack => settle::accept(ctx, msg).await,
+        Decision::Requeue => {
+            settle::give_back(
+                shared,
+                queue,
+                msg.delivery,
+                ReturnReason::AppUnreachable,
+                Some(msg.trace),
+            )
+            .await;
+            false
+        }
+        // Rare paths are boxed: inline, their futures would enlarge every message's task.
+        Decision::DeadLetter { reason } => {
+            Box::pin(settle::dead_letter(ctx, msg, reason, failure)).await
+        }
+        Decision::Retry { reason, delay } => {
+            Box::pin(settle::retry(ctx, msg, reason, delay, failure)).await
+        }
+    }
+}
+
+/// Hands the message to the app inside a CLIENT span. `None` when the shutdown grace ran out
+/// first: the call is abandoned and the message goes back to the queue.
+async fn dispatch(ctx: &Ctx, msg: &InHand<'_>) -> Option<Answer> {
+    let delivery = msg.delivery;
+    let mut headers = ctx.headers.for_delivery(&DeliveryInfo {
+        queue: ctx.sub.queue(),
+        exchange: delivery.exchange.as_str(),
+        routing_key: delivery.routing_key.as_str(),
+        redelivered: delivery.redelivered,
+        attempt: msg.attempt,
+        properties: &delivery.properties,
+        body_len: msg.body.len(),
+    });
+    let mut span = msg.trace.dispatch_span(&ctx.http_target);
+    msg.trace.inject_http(&span, &mut headers);
+    let answer = tokio::select! {
+        a = ctx.sub.dispatcher.dispatch(msg.body.clone(), headers) => a,
+        _ = ctx.shared.hard_stop.cancelled() => {
+            span.record_error("shutdown");
+            return None;
+        }
+    };
+    match (answer.outcome.status(), answer.outcome.wire_failure()) {
+        (Some(status), _) => span.record_http_status(status),
+        (None, Some(failure)) => span.record_error(failure),
+        (None, None) => {}
+    }
+    Some(answer)
+}
+
+/// Tells the gate whether anything answered, asks the policy, and records the answer and the
+/// decision.
+fn decide(ctx: &Ctx, msg: &InHand<'_>, answer: &Answer) -> Decision {
+    let shared = &ctx.shared;
+    if answer.outcome == Outcome::Unreachable {
+        shared.gate.report_down();
+    } else {
+        shared.gate.report_up();
+    }
+    let decision = policy::decide(
+        answer.outcome,
+        msg.attempt,
+        &ctx.sub.limits,
+        rand::random::<f64>(),
+    );
+    emit_healthy(
+        msg.trace,
+        HandlerAnswered {
+            queue: ctx.sub.queue(),
+            series: &ctx.series,
+            outcome: HandlerOutcome::of(&decision, &answer.outcome),
+            elapsed: answer.elapsed,
+            status: answer.outcome.status(),
+            detail: &answer.detail,
+        },
+        &shared.metrics,
+    );
+    msg.trace.record_decision(decision.as_str(), &answer.detail);
+    if decision != Decision::Ack {
+        msg.trace.record_error(answer.outcome.failure_class());
+    }
+    decision
+}

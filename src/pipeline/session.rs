@@ -1,0 +1,212 @@
+//! One subscription on one broker session: prepare the queues, open the consuming channel (with
+//! `basic.qos` prefetch) and the publishing channel (with publisher confirms), then start the
+//! consumer and run the [pump](super::intake::pump) until it stops: for the app gate (cancel,
+//! give back what has not started, wait for the app, start again), for shutdown, or because the
+//! broker or the connection ended it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Consumer};
+
+use super::intake::{self, Pump};
+use super::{Ctx, Shared, Subscription};
+use crate::admin::health::State;
+use crate::broker::topology::{self, TopologyError};
+use crate::broker::{self, Session};
+use crate::headers::QueueHeaders;
+use crate::telemetry::events::{ConsumerStarted, ConsumerStopped, Event, ReturnReason};
+use crate::telemetry::metrics::CancelReason;
+use crate::telemetry::trace::HttpTarget;
+
+/// How a consumer session ended.
+pub(super) enum Exit {
+    Shutdown,
+    /// The connection is gone: wait for the next session.
+    Lost,
+    /// Something failed on a live connection: try again after a backoff.
+    Retry(String),
+}
+
+fn lost_or(session: &Session, error: impl ToString) -> Exit {
+    if session.is_connected() {
+        Exit::Retry(error.to_string())
+    } else {
+        Exit::Lost
+    }
+}
+
+pub(super) async fn consume(
+    sub: &Arc<Subscription>,
+    shared: &Arc<Shared>,
+    session: &Arc<Session>,
+) -> Exit {
+    if let Err(e) = topology::prepare(&session.connection, &sub.spec).await {
+        return unprepared(sub, shared, session, e);
+    }
+    sub.prepared_once.store(true, Ordering::Relaxed);
+    let ctx = match open(sub, shared, session).await {
+        Ok(ctx) => Arc::new(ctx),
+        Err(e) => return lost_or(session, e),
+    };
+    let queue = sub.queue();
+    let mut consumers = 0u32;
+    let exit = loop {
+        if !shared.gate.is_up() {
+            shared.health.set_state(queue, State::PausedAppDown);
+            tokio::select! {
+                _ = shared.gate.wait_up() => {}
+                _ = shared.shutdown.cancelled() => break Exit::Shutdown,
+                _ = wait_lost(session) => break Exit::Lost,
+            }
+        }
+        consumers += 1;
+        let tag = consumer_tag(session, consumers);
+        let mut consumer = match start(&ctx, &tag).await {
+            Ok(c) => c,
+            Err(e) => break lost_or(session, e),
+        };
+        let ended = intake::pump(&ctx, &mut consumer).await;
+        shared.health.set_consumer(queue, None);
+        if let Some(exit) = stopped(&ctx, ended, &mut consumer, &tag).await {
+            break exit;
+        }
+    };
+    if matches!(exit, Exit::Retry(_)) && ctx.consuming.status().connected() {
+        let _ = ctx
+            .consuming
+            .close(200, "restarting subscription".into())
+            .await;
+    }
+    exit
+}
+
+/// The queues could not be prepared. A declaration that conflicts with what exists is a
+/// configuration error at start-up: stop with it rather than retry forever. Later (someone
+/// redeclared under us) it is reported and retried, and readiness fails.
+fn unprepared(
+    sub: &Subscription,
+    shared: &Shared,
+    session: &Session,
+    error: TopologyError,
+) -> Exit {
+    tracing::error!(queue = %sub.queue(), error = %error, "cannot prepare the queues");
+    if matches!(error, TopologyError::Conflict { .. }) && !sub.prepared_once.load(Ordering::Relaxed)
+    {
+        let _ = shared.fatal.set(error.to_string());
+        shared.shutdown.cancel();
+        return Exit::Shutdown;
+    }
+    lost_or(session, error)
+}
+
+/// Opens the session's channels and gathers what every delivery's task shares.
+async fn open(
+    sub: &Arc<Subscription>,
+    shared: &Arc<Shared>,
+    session: &Arc<Session>,
+) -> Result<Ctx, lapin::Error> {
+    let consuming = session.connection.create_channel().await?;
+    consuming
+        .basic_qos(sub.prefetch, BasicQosOptions::default())
+        .await?;
+    let publisher = session.connection.create_channel().await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let headers = QueueHeaders::new(sub.queue());
+    Ok(Ctx {
+        sub: sub.clone(),
+        shared: shared.clone(),
+        session: session.clone(),
+        publisher,
+        consuming,
+        series: shared.metrics.queue_series(sub.queue()),
+        http_target: HttpTarget::new("POST", sub.dispatcher.target()),
+        headers: match sub.dispatcher.host() {
+            Some(host) => headers.with_fixed(hyper::header::HOST, host.clone()),
+            None => headers,
+        },
+    })
+}
+
+/// A consumer tag that names this process and says which of its consumers it is.
+fn consumer_tag(session: &Session, number: u32) -> String {
+    format!(
+        "rabbit-sidecar.{}.{}.{}.{number}",
+        broker::hostname(),
+        std::process::id(),
+        session.generation,
+    )
+}
+
+async fn start(ctx: &Ctx, tag: &str) -> Result<Consumer, lapin::Error> {
+    let queue = ctx.sub.queue();
+    let consumer = ctx
+        .consuming
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let shared = &ctx.shared;
+    ConsumerStarted { queue, tag }.emit(&shared.metrics);
+    shared.health.set_consumer(queue, Some(tag.to_string()));
+    shared.health.set_state(queue, State::Consuming);
+    Ok(consumer)
+}
+
+/// Reports why the consumer stopped and cleans up after it. `None`: the gate closed, so wait for
+/// the app and start another consumer on the same session.
+async fn stopped(ctx: &Ctx, ended: Pump, consumer: &mut Consumer, tag: &str) -> Option<Exit> {
+    let (shared, session, queue) = (&ctx.shared, &ctx.session, ctx.sub.queue());
+    let channel: &Channel = &ctx.consuming;
+    let (reason, exit) = match ended {
+        Pump::Shutdown => {
+            intake::cancel(
+                shared,
+                queue,
+                channel,
+                consumer,
+                tag,
+                ReturnReason::Shutdown,
+            )
+            .await;
+            (Some(CancelReason::Shutdown), Some(Exit::Shutdown))
+        }
+        Pump::AppDown => {
+            intake::cancel(
+                shared,
+                queue,
+                channel,
+                consumer,
+                tag,
+                ReturnReason::AppUnreachable,
+            )
+            .await;
+            (Some(CancelReason::AppDown), None)
+        }
+        Pump::BrokerCancelled => (
+            Some(CancelReason::Broker),
+            Some(lost_or(
+                session,
+                "consumer cancelled by the broker (queue deleted or failed over?)",
+            )),
+        ),
+        Pump::Error(e) => (None, Some(lost_or(session, e))),
+    };
+    ConsumerStopped { queue, reason }.emit(&shared.metrics);
+    exit
+}
+
+async fn wait_lost(session: &Session) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    while session.is_connected() {
+        tick.tick().await;
+    }
+}

@@ -1,0 +1,251 @@
+//! Settling a message: ack it, give it back to its queue, or publish a copy in its place (a retry
+//! or a dead letter) and ack it once the broker confirmed the copy.
+//!
+//! The original is acked only after the copy's confirm: a copy that is lost before that leaves
+//! the original in the queue, and a crash between the confirm and the ack leaves two (a
+//! duplicate, never a loss). A copy that is not confirmed (queue missing, broker refusing,
+//! connection blocked past [`CONFIRM_TIMEOUT`]) holds the original for one backoff step and then
+//! gives it back, so a broken dead-letter path slows a poison message down instead of spinning on
+//! it.
+
+use std::time::Duration;
+
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
+use lapin::{BasicProperties, Channel, Confirmation};
+
+use super::copies::{self, Failure, Origin};
+use super::{Ctx, InHand, Shared, emit_about, emit_healthy};
+use crate::policy::{self, DeadLetterReason, RetryReason};
+use crate::telemetry::events::{
+    CopyKind, DeadLettered, MessageAcked, MessageRequeued, RepublishFailed, RetryScheduled,
+    ReturnReason, SettleFailed,
+};
+use crate::telemetry::trace::MessageTrace;
+
+/// How long a copy may wait for the broker's confirm (a blocked connection waits here).
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an ack or nack may take to be handed to the connection.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Acks a message the app accepted. Returns whether the ack was sent.
+pub(super) async fn accept(ctx: &Ctx, msg: &InHand<'_>) -> bool {
+    let ok = ack(ctx, msg.delivery, msg.trace).await;
+    if ok {
+        emit_healthy(
+            msg.trace,
+            MessageAcked {
+                queue: ctx.sub.queue(),
+                series: &ctx.series,
+                attempt: msg.attempt,
+            },
+            &ctx.shared.metrics,
+        );
+    }
+    ok
+}
+
+/// Parks a copy in the retry queue for `delay`, then acks the original. Returns whether the
+/// original was acked.
+pub(super) async fn retry(
+    ctx: &Ctx,
+    msg: &InHand<'_>,
+    reason: RetryReason,
+    delay: Duration,
+    failure: Failure<'_>,
+) -> bool {
+    let mut stamp = copies::retry_stamp(msg.attempt, failure);
+    msg.trace.inject_amqp(&mut stamp);
+    let props = copies::copy_properties(&msg.delivery.properties, stamp, Some(delay));
+    match publish(&ctx.publisher, &ctx.sub.spec.retry_queue, msg.body, props).await {
+        Ok(()) => {
+            emit_about(
+                Some(msg.trace),
+                RetryScheduled {
+                    queue: ctx.sub.queue(),
+                    reason,
+                    attempt: msg.attempt,
+                    delay,
+                    detail: failure.detail,
+                },
+                &ctx.shared.metrics,
+            );
+            ack(ctx, msg.delivery, msg.trace).await
+        }
+        Err(error) => {
+            not_confirmed(ctx, msg, CopyKind::Retry, &error).await;
+            false
+        }
+    }
+}
+
+/// Publishes a dead letter with the reasons, then acks the original. Returns whether the
+/// original was acked.
+pub(super) async fn dead_letter(
+    ctx: &Ctx,
+    msg: &InHand<'_>,
+    reason: DeadLetterReason,
+    failure: Failure<'_>,
+) -> bool {
+    let queue = ctx.sub.queue();
+    let origin = Origin {
+        exchange: msg.delivery.exchange.as_str(),
+        routing_key: msg.delivery.routing_key.as_str(),
+        queue,
+    };
+    let mut stamp = copies::dead_letter_stamp(reason, msg.attempt, failure, origin);
+    msg.trace.inject_amqp(&mut stamp);
+    let props = copies::copy_properties(&msg.delivery.properties, stamp, None);
+    let dead_letter_queue = &ctx.sub.spec.dead_letter_queue;
+    match publish(&ctx.publisher, dead_letter_queue, msg.body, props).await {
+        Ok(()) => {
+            emit_about(
+                Some(msg.trace),
+                DeadLettered {
+                    queue,
+                    reason,
+                    attempt: msg.attempt,
+                    dead_letter_queue,
+                    detail: failure.detail,
+                },
+                &ctx.shared.metrics,
+            );
+            ack(ctx, msg.delivery, msg.trace).await
+        }
+        Err(error) => {
+            not_confirmed(ctx, msg, CopyKind::DeadLetter, &error).await;
+            false
+        }
+    }
+}
+
+/// A copy was not confirmed: report it, hold the original for one backoff step (so a broken
+/// path does not become a hot loop; shutdown cuts the wait short), then give it back.
+async fn not_confirmed(ctx: &Ctx, msg: &InHand<'_>, what: CopyKind, error: &str) {
+    let Ctx { sub, shared, .. } = ctx;
+    emit_about(
+        Some(msg.trace),
+        RepublishFailed {
+            queue: sub.queue(),
+            what,
+            error,
+        },
+        &shared.metrics,
+    );
+    let event = match what {
+        CopyKind::Retry => "retry_copy_not_confirmed",
+        CopyKind::DeadLetter => "dead_letter_copy_not_confirmed",
+    };
+    msg.trace.record_event(event, error);
+    let delay = policy::retry_delay(msg.attempt, &sub.limits, 0.0);
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = shared.hard_stop.cancelled() => {}
+        _ = shared.shutdown.cancelled() => {}
+    }
+    give_back(
+        shared,
+        sub.queue(),
+        msg.delivery,
+        ReturnReason::CopyNotConfirmed,
+        Some(msg.trace),
+    )
+    .await;
+}
+
+/// Publishes a copy (`body` with `props`) to `queue` through the default exchange, mandatory,
+/// and waits for the broker's confirm.
+async fn publish(
+    publisher: &Channel,
+    queue: &str,
+    body: &[u8],
+    props: BasicProperties,
+) -> Result<(), String> {
+    let publish = async {
+        publisher
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                props,
+            )
+            .await?
+            .await
+    };
+    match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
+        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+        Ok(Ok(Confirmation::Ack(Some(_)))) => Err(format!(
+            "queue {queue:?} does not exist: the copy was returned"
+        )),
+        Ok(Ok(Confirmation::Nack(_))) => Err("the broker refused the copy (nack)".into()),
+        Ok(Ok(Confirmation::NotRequested)) => Err("publisher confirms are off".into()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "no confirm within {CONFIRM_TIMEOUT:?} (is the connection blocked?)"
+        )),
+    }
+}
+
+/// Returns a message to its queue untouched (`basic.nack` with requeue). `trace`: the
+/// delivery's, when it reached a handler task.
+pub(super) async fn give_back(
+    shared: &Shared,
+    queue: &str,
+    delivery: &Delivery,
+    why: ReturnReason,
+    trace: Option<&MessageTrace<'_>>,
+) {
+    let nack = delivery.acker.nack(BasicNackOptions {
+        requeue: true,
+        multiple: false,
+    });
+    if settle(shared, queue, nack, trace).await {
+        emit_about(trace, MessageRequeued { queue, why }, &shared.metrics);
+    }
+}
+
+/// Acks on the consuming channel itself rather than through the delivery's `Acker`, which hands
+/// each ack to lapin's internal RPC task and from there to one more spawned task (the cost is in
+/// docs/performance.md). The channel is the one this delivery came on, so its delivery tag is
+/// valid there; once that channel has closed, lapin refuses the ack and the broker has requeued
+/// the message already, as with a poisoned `Acker`.
+async fn ack(ctx: &Ctx, delivery: &Delivery, trace: &MessageTrace<'_>) -> bool {
+    let ack = async {
+        ctx.consuming
+            .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+            .await
+            .map(|()| true)
+    };
+    settle(&ctx.shared, ctx.sub.queue(), ack, Some(trace)).await
+}
+
+/// Sends an ack or nack and waits for lapin to hand it over, at most [`SETTLE_TIMEOUT`]: on a
+/// connection that died meanwhile the promise may never resolve, and lapin answers `Ok(false)`
+/// without sending anything once the channel is closed. Either way the broker has returned the
+/// message to the queue with the connection, so the settlement failed rather than happened.
+async fn settle(
+    shared: &Shared,
+    queue: &str,
+    op: impl std::future::Future<Output = lapin::Result<bool>>,
+    trace: Option<&MessageTrace<'_>>,
+) -> bool {
+    let error = match tokio::time::timeout(SETTLE_TIMEOUT, op).await {
+        Ok(Ok(true)) => return true,
+        Ok(Ok(false)) => "the channel closed before the settlement was sent".to_string(),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("not sent within {SETTLE_TIMEOUT:?} (connection gone?)"),
+    };
+    emit_about(
+        trace,
+        SettleFailed {
+            queue,
+            error: &error,
+        },
+        &shared.metrics,
+    );
+    false
+}
