@@ -30,11 +30,13 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod encode;
+mod env;
 pub mod headers;
 mod pipeline;
 pub mod policy;
 pub mod remediate;
 pub mod run;
+mod signals;
 pub mod telemetry;
 
-pub use run::{RunError, run};
+pub use run::{RunError, run, run_until_signalled};

@@ -1,30 +1,65 @@
-//! The binary: parse configuration, set up logging, run, pick the exit code (64 for bad
-//! configuration, as sysexits says; 69 when `check` finds a dependency unavailable).
+//! The binary: parse the command line, set up logging, run the subcommand, pick the exit code.
+//!
+//! | code | meaning (as sysexits names them) |
+//! |------|----------------------------------|
+//! | 0    | done (after SIGTERM/SIGINT, for `run`) |
+//! | 1    | `healthcheck`: not healthy; otherwise a failure while running |
+//! | 64   | bad flags, variables or configuration file (`EX_USAGE`) |
+//! | 69   | `check`: the broker, the queue or the app is unavailable (`EX_UNAVAILABLE`) |
+//! | 71   | the admin server's address cannot be bound (`EX_OSERR`) |
+//! | 78   | the broker holds declarations that conflict with the configuration, or the OpenTelemetry settings are unusable (`EX_CONFIG`) |
 
-use std::ffi::OsString;
 use std::process::ExitCode;
 
-use rabbit_sidecar::cli::{self, Mode};
-use rabbit_sidecar::config::{Config, Layers, ProcessEnv, env_name};
-use rabbit_sidecar::telemetry::Telemetry;
+use rabbit_sidecar::cli::{self, Invocation};
+use rabbit_sidecar::config::{Config, EnvSource, Layers, ProcessEnv, keys};
+use rabbit_sidecar::telemetry::{LogFormat, Telemetry};
 use tokio_util::sync::CancellationToken;
 
 const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
+const EX_OSERR: u8 = 71;
 const EX_CONFIG: u8 = 78;
 
-fn load(mode: Mode, args: Vec<OsString>) -> Result<Config, ExitCode> {
-    let flags = match cli::parse(mode, args) {
-        Ok(f) => f,
+#[tokio::main]
+async fn main() -> ExitCode {
+    let invocation = match cli::parse(std::env::args_os()) {
+        Ok(i) => i,
         Err(e) => {
             let _ = e.print();
-            return Err(if e.use_stderr() {
+            return if e.use_stderr() {
                 ExitCode::from(EX_USAGE)
             } else {
                 ExitCode::SUCCESS
-            });
+            };
         }
     };
+    match invocation {
+        Invocation::Run(flags) => match configure(flags) {
+            Ok(config) => run(config).await,
+            Err(code) => code,
+        },
+        Invocation::Check(flags) => match configure(flags) {
+            Ok(config) => check(config).await,
+            Err(code) => code,
+        },
+        Invocation::Healthcheck { url } => healthcheck(url).await,
+        Invocation::Remediate(args) => {
+            let format = ProcessEnv
+                .var(&keys::LOG_FORMAT.env())
+                .and_then(|f| f.parse().ok())
+                .unwrap_or(LogFormat::Text);
+            let telemetry = Telemetry::init(format).ok();
+            let code = rabbit_sidecar::remediate::main(args).await;
+            if let Some(t) = telemetry {
+                t.shutdown().await;
+            }
+            code
+        }
+    }
+}
+
+fn configure(flags: std::collections::BTreeMap<String, String>) -> Result<Config, ExitCode> {
     Layers::collect(flags, &ProcessEnv)
         .and_then(|l| l.build())
         .map_err(|e| {
@@ -33,65 +68,20 @@ fn load(mode: Mode, args: Vec<OsString>) -> Result<Config, ExitCode> {
         })
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let mut args: Vec<OsString> = std::env::args_os().collect();
-    let sub = args.get(1).and_then(|a| a.to_str()).map(str::to_string);
-    match sub.as_deref() {
-        Some("healthcheck") => return healthcheck(&args[2..]).await,
-        Some("remediate") => {
-            let format = std::env::var(env_name("log-format"))
-                .ok()
-                .and_then(|f| f.parse().ok())
-                .unwrap_or(rabbit_sidecar::telemetry::LogFormat::Text);
-            let telemetry = Telemetry::init(format).ok();
-            let code = rabbit_sidecar::remediate::cli_main(args[2..].to_vec()).await;
-            if let Some(t) = telemetry {
-                t.shutdown().await;
-            }
-            return code;
-        }
-        Some("check") => {
-            args.remove(1);
-            let config = match load(Mode::Check, args) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let mut report = String::new();
-            let result = rabbit_sidecar::check::check(&config, &mut report).await;
-            print!("{report}");
-            return match result {
-                Ok(()) => {
-                    println!("check passed");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("rabbit-sidecar check: {e}");
-                    ExitCode::from(EX_UNAVAILABLE)
-                }
-            };
-        }
-        Some("run") => {
-            args.remove(1);
-        }
-        _ => {}
-    }
-    let config = match load(Mode::Run, args) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
+async fn run(config: Config) -> ExitCode {
     let telemetry = match Telemetry::init(config.log_format) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("rabbit-sidecar: telemetry set-up failed: {e}");
-            return ExitCode::from(EX_USAGE);
+            return ExitCode::from(EX_CONFIG);
         }
     };
     let listener = match std::net::TcpListener::bind(config.listen) {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(listen = %config.listen, error = %e, "cannot bind the admin server");
-            return ExitCode::from(EX_USAGE);
+            telemetry.shutdown().await;
+            return ExitCode::from(EX_OSERR);
         }
     };
     tracing::info!(
@@ -103,8 +93,7 @@ async fn main() -> ExitCode {
         "rabbit-sidecar starting"
     );
     let shutdown = CancellationToken::new();
-    tokio::spawn(signals(shutdown.clone()));
-    let result = rabbit_sidecar::run(config, listener, shutdown).await;
+    let result = rabbit_sidecar::run_until_signalled(config, listener, shutdown).await;
     telemetry.shutdown().await;
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -120,38 +109,33 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+async fn check(config: Config) -> ExitCode {
+    let mut report = String::new();
+    let result = rabbit_sidecar::check::check(&config, &mut report).await;
+    print!("{report}");
+    match result {
+        Ok(()) => {
+            println!("check passed");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("rabbit-sidecar check: {e}");
+            ExitCode::from(EX_UNAVAILABLE)
+        }
     }
-    shutdown.cancel();
 }
 
-/// `rabbit-sidecar healthcheck [--url URL]`: exit 0 when /healthz answers 200. For container
-/// HEALTHCHECKs, where the image has no curl. The default URL follows `RABBIT_SIDECAR_LISTEN`.
-async fn healthcheck(args: &[OsString]) -> ExitCode {
-    let url = match args {
-        [flag, url] if flag == "--url" => url.to_string_lossy().into_owned(),
-        [] => {
-            let listen =
-                std::env::var(env_name("listen")).unwrap_or_else(|_| "0.0.0.0:9102".into());
-            let port = listen.rsplit(':').next().unwrap_or("9102").to_string();
-            format!("http://127.0.0.1:{port}/healthz")
-        }
-        _ => {
-            eprintln!("usage: rabbit-sidecar healthcheck [--url http://127.0.0.1:9102/healthz]");
-            return ExitCode::from(EX_USAGE);
-        }
-    };
+/// Exit 0 when `/healthz` answers 200. Without a URL, the port comes from
+/// `RABBIT_SIDECAR_LISTEN`, as the sidecar beside it reads it.
+async fn healthcheck(url: Option<String>) -> ExitCode {
+    let url = url.unwrap_or_else(|| {
+        let listen = ProcessEnv
+            .var(&keys::LISTEN.env())
+            .or(keys::LISTEN.default_text().map(str::to_string))
+            .unwrap_or_default();
+        let port = listen.rsplit(':').next().unwrap_or("9102").to_string();
+        format!("http://127.0.0.1:{port}/healthz")
+    });
     let Ok(uri) = url.parse::<hyper::Uri>() else {
         eprintln!("healthcheck: {url:?} is not a URL");
         return ExitCode::from(EX_USAGE);

@@ -30,6 +30,18 @@ pub enum RunError {
     Topology(String),
 }
 
+/// [`run`] until SIGTERM or SIGINT (or `shutdown` is cancelled).
+pub async fn run_until_signalled(
+    config: Config,
+    admin_listener: std::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    if let Err(e) = crate::signals::cancel_on_terminate(shutdown.clone()) {
+        tracing::error!(error = %e, "cannot install signal handlers: SIGTERM will not drain");
+    }
+    run(config, admin_listener, shutdown).await
+}
+
 /// Runs the sidecar until `shutdown` is cancelled, then drains. The admin server is served on
 /// `admin_listener` (bind it first, so tests can use port 0).
 pub async fn run(

@@ -1,7 +1,8 @@
 //! The binary's command line: bad flags, variables and config files exit 64 naming the key and the
 //! problem (and never echo an AMQP password); `--help` exits 0; `check` exits 0 when broker, queue
 //! and app are usable and 69 otherwise; `healthcheck` exits 0 against a live sidecar and 1 against
-//! a dead port.
+//! a dead port. Failures that are not usage errors have codes of their own: unusable
+//! OpenTelemetry settings 78, an admin address that cannot be bound 71.
 
 mod common;
 
@@ -11,6 +12,8 @@ use common::*;
 
 const EX_USAGE: i32 = 64;
 const EX_UNAVAILABLE: i32 = 69;
+const EX_OSERR: i32 = 71;
+const EX_CONFIG: i32 = 78;
 
 struct Run {
     code: i32,
@@ -251,15 +254,17 @@ async fn an_amqp_password_is_never_echoed() {
 async fn help_and_version_exit_0() {
     let r = run(&["--help"], &[]).await;
     assert_eq!(r.code, 0, "{r:?}");
-    for key in rabbit_sidecar::config::KEYS {
+    for key in rabbit_sidecar::config::keys::ALL
+        .iter()
+        .filter(|k| k.is_flag())
+    {
         assert!(
             r.stdout.contains(&format!("--{}", key.name)),
             "--help lists --{}: {r:?}",
             key.name
         );
         assert!(
-            r.stdout
-                .contains(&rabbit_sidecar::config::env_name(key.name)),
+            r.stdout.contains(&key.env()),
             "--help names the variable of {}",
             key.name
         );
@@ -478,6 +483,36 @@ async fn healthcheck_exits_0_against_a_live_sidecar_and_1_against_a_dead_port() 
     assert!(r.stderr.contains("no answer"), "{r:?}");
     let r = run(&["healthcheck", "--bogus"], &[]).await;
     assert_eq!(r.code, EX_USAGE, "{r:?}");
-    assert!(r.stderr.contains("usage"), "{r:?}");
+    assert!(
+        r.stderr.contains("--bogus") && r.stderr.contains("Usage: rabbit-sidecar healthcheck"),
+        "{r:?}"
+    );
     broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn unusable_telemetry_settings_exit_78_naming_the_variable() {
+    let r = run(
+        &["--queue", "q"],
+        &[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "not a url")],
+    )
+    .await;
+    assert_eq!(r.code, EX_CONFIG, "{r:?}");
+    assert!(
+        r.stderr.contains("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+        "{r:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_admin_address_in_use_exits_71() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let r = run(
+        &["--queue", "q", "--listen", &listen, "--log-format", "json"],
+        &[],
+    )
+    .await;
+    assert_eq!(r.code, EX_OSERR, "{r:?}");
+    assert!(r.stderr.contains("cannot bind the admin server"), "{r:?}");
 }

@@ -10,9 +10,12 @@ fn readme() -> String {
 #[test]
 fn every_flag_and_variable_is_in_the_configuration_table() {
     let readme = readme();
-    for key in rabbit_sidecar::config::KEYS {
+    for key in rabbit_sidecar::config::keys::ALL
+        .iter()
+        .filter(|k| k.is_flag())
+    {
         let flag = format!("| `--{}` |", key.name);
-        let env = format!("`{}`", rabbit_sidecar::config::env_name(key.name));
+        let env = format!("`{}`", key.env());
         assert!(
             readme.contains(&flag),
             "README's configuration table lacks {flag}"

@@ -38,7 +38,7 @@ struct Receiver {
 impl Receiver {
     async fn start(config_toml: &str) -> Receiver {
         let text = format!("token_env = \"REMEDIATE_TOKEN\"\n{config_toml}");
-        let config = Config::parse(&text, &|name| {
+        let config = Config::parse(&text, &|name: &str| {
             (name == "REMEDIATE_TOKEN").then(|| TOKEN.to_owned())
         })
         .expect("test config is valid");
@@ -996,7 +996,7 @@ fn the_compose_example_configuration_is_valid() {
         "token_file = \"/run/secrets/remediate-token\"",
         "token_env = \"REMEDIATE_TOKEN\"",
     );
-    let config = Config::parse(&text, &|name| {
+    let config = Config::parse(&text, &|name: &str| {
         (name == "REMEDIATE_TOKEN").then(|| TOKEN.to_owned())
     })
     .unwrap();

@@ -513,11 +513,12 @@ fn log_inside_a_delivery(format: LogFormat) -> String {
     let captured = Captured::default();
     let writer = captured.clone();
     let env: HashMap<&str, &str> = HashMap::from([("RUST_LOG", "info")]);
-    let (telemetry, dispatch) =
-        Telemetry::build_with_writer(format, &|k| env.get(k).map(|v| v.to_string()), move || {
-            writer.clone()
-        })
-        .unwrap();
+    let (telemetry, dispatch) = Telemetry::build_with_writer(
+        format,
+        &|k: &str| env.get(k).map(|v| v.to_string()),
+        move || writer.clone(),
+    )
+    .unwrap();
     assert!(!telemetry.exporting());
     let table = headers(vec![("traceparent", long(TRACEPARENT))]);
     tracing::dispatcher::with_default(&dispatch, || {

@@ -6,6 +6,7 @@
 //! the file without reading code. Environment variables are read through a closure so tests can
 //! feed a map instead of mutating the process environment.
 
+use crate::env::{EnvSource, ProcessEnv};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -200,11 +201,11 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Config::parse(&text, &|name| std::env::var(name).ok())
+        Config::parse(&text, &ProcessEnv)
     }
 
     /// Validates TOML text; `env` answers environment lookups (`token_env`, Kubernetes defaults).
-    pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    pub fn parse(text: &str, env: &dyn EnvSource) -> Result<Config, ConfigError> {
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
 
@@ -271,7 +272,7 @@ impl Config {
 fn load_token(
     file: Option<&Path>,
     var: Option<&str>,
-    env: &dyn Fn(&str) -> Option<String>,
+    env: &dyn EnvSource,
 ) -> Result<Token, ConfigError> {
     let (key, value) = match (file, var) {
         (Some(_), Some(_)) => {
@@ -293,7 +294,7 @@ fn load_token(
             ("token_file", text)
         }
         (None, Some(name)) => {
-            let value = env(name).ok_or_else(|| {
+            let value = env.var(name).ok_or_else(|| {
                 invalid(
                     "token_env",
                     format!("environment variable {name} is not set"),
@@ -319,11 +320,7 @@ fn duration(key: &str, value: Option<&str>, default: &str) -> Result<Duration, C
         .map_err(|e| invalid(key, format!("{text:?} is not a duration like \"5m\" ({e})")))
 }
 
-fn validate_target(
-    name: &str,
-    raw: RawTarget,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Target, ConfigError> {
+fn validate_target(name: &str, raw: RawTarget, env: &dyn EnvSource) -> Result<Target, ConfigError> {
     let key = |field: &str| format!("targets.{name}.{field}");
     if name.is_empty()
         || !name
@@ -463,9 +460,11 @@ fn validate_target(
     }
 }
 
-fn default_api_server(env: &dyn Fn(&str) -> Option<String>) -> Option<String> {
-    let host = env(ENV_KUBERNETES_SERVICE_HOST)?;
-    let port = env(ENV_KUBERNETES_SERVICE_PORT).unwrap_or_else(|| "443".to_owned());
+fn default_api_server(env: &dyn EnvSource) -> Option<String> {
+    let host = env.var(ENV_KUBERNETES_SERVICE_HOST)?;
+    let port = env
+        .var(ENV_KUBERNETES_SERVICE_PORT)
+        .unwrap_or_else(|| "443".to_owned());
     if host.contains(':') {
         Some(format!("https://[{host}]:{port}"))
     } else {
@@ -529,7 +528,7 @@ mod tests {
     }
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::parse(text, &|name| {
+        Config::parse(text, &|name: &str| {
             (name == "REMEDIATE_TOKEN").then(|| "s3cret\n".to_owned())
         })
     }
@@ -576,7 +575,7 @@ mod tests {
             namespace = "shop"
             label_selector = "app=web"
         "#;
-        let config = Config::parse(text, &|name| match name {
+        let config = Config::parse(text, &|name: &str| match name {
             "REMEDIATE_TOKEN" => Some("t".into()),
             ENV_KUBERNETES_SERVICE_HOST => Some("10.0.0.1".into()),
             _ => None,

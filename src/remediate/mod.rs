@@ -35,12 +35,13 @@ const EXIT_USAGE: u8 = 64;
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/rabbit-sidecar/remediate.toml";
 
+/// The arguments of `rabbit-sidecar remediate`.
 #[derive(Debug, Parser)]
 #[command(
     name = "rabbit-sidecar remediate",
     about = "Alertmanager webhook receiver that restarts what a firing alert names"
 )]
-struct Args {
+pub struct Args {
     /// TOML configuration file.
     #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
     config: PathBuf,
@@ -52,21 +53,25 @@ struct Args {
     dry_run: bool,
 }
 
-/// Runs the `remediate` subcommand; `args` are the words after `remediate`. Expects the caller to
-/// have installed a tracing subscriber. Returns when SIGTERM or SIGINT has been handled.
+/// Parses `args` (the words after `remediate`) and runs the subcommand.
 pub async fn cli_main(args: Vec<OsString>) -> ExitCode {
     let argv = std::iter::once(OsString::from("rabbit-sidecar remediate")).chain(args);
-    let args = match Args::try_parse_from(argv) {
-        Ok(args) => args,
+    match Args::try_parse_from(argv) {
+        Ok(args) => main(args).await,
         Err(error) => {
             let _ = error.print();
-            return if error.use_stderr() {
+            if error.use_stderr() {
                 ExitCode::from(EXIT_USAGE)
             } else {
                 ExitCode::SUCCESS
-            };
+            }
         }
-    };
+    }
+}
+
+/// Runs the `remediate` subcommand. Expects the caller to have installed a tracing subscriber.
+/// Returns when SIGTERM or SIGINT has been handled.
+pub async fn main(args: Args) -> ExitCode {
     let mut config = match Config::load(&args.config) {
         Ok(config) => config,
         Err(error) => {
@@ -87,7 +92,7 @@ pub async fn cli_main(args: Vec<OsString>) -> ExitCode {
         }
     };
     let shutdown = CancellationToken::new();
-    let signals = match watch_signals(shutdown.clone()) {
+    let signals = match crate::signals::cancel_on_terminate(shutdown.clone()) {
         Ok(signals) => signals,
         Err(error) => {
             tracing::error!(%error, "cannot install signal handlers");
@@ -103,20 +108,4 @@ pub async fn cli_main(args: Vec<OsString>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Cancels `shutdown` on the first SIGTERM or SIGINT. Handlers are installed before returning so
-/// a signal arriving right after start-up is not lost.
-fn watch_signals(shutdown: CancellationToken) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    Ok(tokio::spawn(async move {
-        let name = tokio::select! {
-            _ = terminate.recv() => "SIGTERM",
-            _ = interrupt.recv() => "SIGINT",
-        };
-        tracing::info!(signal = name, "shutting down");
-        shutdown.cancel();
-    }))
 }

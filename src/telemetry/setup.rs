@@ -36,6 +36,7 @@
 //! Only the spans [`super::trace`] builds reach the exporter, whatever `RUST_LOG` says: the log
 //! filter cannot switch traces off, and the exporter's own HTTP/gRPC stack does not trace itself.
 
+use crate::env::{EnvSource, ProcessEnv};
 use std::fmt;
 use std::io::IsTerminal as _;
 use std::str::FromStr;
@@ -116,14 +117,14 @@ pub struct Telemetry {
 impl Telemetry {
     /// Installs the global subscriber configured by the process environment.
     pub fn init(format: LogFormat) -> Result<Telemetry, TelemetryError> {
-        Self::init_with_env(format, &|name| std::env::var(name).ok())
+        Self::init_with_env(format, &ProcessEnv)
     }
 
     /// Installs the global subscriber configured by `env` (a variable lookup), so tests need not
     /// touch the process environment.
     pub fn init_with_env(
         format: LogFormat,
-        env: &dyn Fn(&str) -> Option<String>,
+        env: &dyn EnvSource,
     ) -> Result<Telemetry, TelemetryError> {
         let (telemetry, dispatch) = Self::build(format, env)?;
         // On failure, dropping `telemetry` stops the exporter nobody will use.
@@ -137,7 +138,7 @@ impl Telemetry {
     /// `tracing::dispatcher::set_default` (a process can install only one global subscriber).
     pub fn build(
         format: LogFormat,
-        env: &dyn Fn(&str) -> Option<String>,
+        env: &dyn EnvSource,
     ) -> Result<(Telemetry, tracing::Dispatch), TelemetryError> {
         Self::build_inner(
             format,
@@ -151,7 +152,7 @@ impl Telemetry {
     /// stderr, so a test can read what an operator would see.
     pub fn build_with_writer<W>(
         format: LogFormat,
-        env: &dyn Fn(&str) -> Option<String>,
+        env: &dyn EnvSource,
         writer: W,
     ) -> Result<(Telemetry, tracing::Dispatch), TelemetryError>
     where
@@ -162,17 +163,19 @@ impl Telemetry {
 
     fn build_inner<W>(
         format: LogFormat,
-        env: &dyn Fn(&str) -> Option<String>,
+        env: &dyn EnvSource,
         writer: W,
         ansi: bool,
     ) -> Result<(Telemetry, tracing::Dispatch), TelemetryError>
     where
         W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
     {
-        let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+        let env = |name: &str| env.var(name).filter(|v| !v.trim().is_empty());
         // lapin logs every refused declaration and closed channel at error level; the sidecar
         // reports what matters as its own events, so lapin speaks only when asked to.
-        let filter_spec = env("RUST_LOG").unwrap_or_else(|| DEFAULT_LOG_FILTER.to_owned());
+        let filter_spec = env
+            .var("RUST_LOG")
+            .unwrap_or_else(|| DEFAULT_LOG_FILTER.to_owned());
         let filter = EnvFilter::try_new(&filter_spec).map_err(|e| TelemetryError::Invalid {
             var: "RUST_LOG",
             problem: format!("{filter_spec:?}: {e}"),
@@ -286,10 +289,8 @@ struct ExportConfig {
 
 impl ExportConfig {
     /// `Ok(None)` when export is off or no endpoint is set.
-    fn from_env(
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Option<ExportConfig>, TelemetryError> {
-        if let Some(v) = env("OTEL_SDK_DISABLED") {
+    fn from_env(env: &dyn EnvSource) -> Result<Option<ExportConfig>, TelemetryError> {
+        if let Some(v) = env.var("OTEL_SDK_DISABLED") {
             match v.trim().to_ascii_lowercase().as_str() {
                 "true" => return Ok(None),
                 "false" => {}
@@ -302,7 +303,7 @@ impl ExportConfig {
                 }
             }
         }
-        if let Some(v) = env("OTEL_TRACES_EXPORTER") {
+        if let Some(v) = env.var("OTEL_TRACES_EXPORTER") {
             match v.trim() {
                 "none" => return Ok(None),
                 "otlp" => {}
@@ -315,11 +316,11 @@ impl ExportConfig {
                 }
             }
         }
-        let (protocol_var, protocol) = match env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") {
+        let (protocol_var, protocol) = match env.var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") {
             Some(v) => ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", Some(v)),
             None => (
                 "OTEL_EXPORTER_OTLP_PROTOCOL",
-                env("OTEL_EXPORTER_OTLP_PROTOCOL"),
+                env.var("OTEL_EXPORTER_OTLP_PROTOCOL"),
             ),
         };
         let protocol = match protocol.as_deref().map(str::trim) {
@@ -333,10 +334,10 @@ impl ExportConfig {
                 ));
             }
         };
-        let endpoint = if let Some(v) = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+        let endpoint = if let Some(v) = env.var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
             check_url("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &v)?;
             v
-        } else if let Some(v) = env("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        } else if let Some(v) = env.var("OTEL_EXPORTER_OTLP_ENDPOINT") {
             check_url("OTEL_EXPORTER_OTLP_ENDPOINT", &v)?;
             match protocol {
                 Protocol::Grpc => v,
@@ -345,9 +346,9 @@ impl ExportConfig {
         } else {
             return Ok(None);
         };
-        let timeout = match env("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") {
+        let timeout = match env.var("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") {
             Some(v) => parse_millis("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", &v)?,
-            None => match env("OTEL_EXPORTER_OTLP_TIMEOUT") {
+            None => match env.var("OTEL_EXPORTER_OTLP_TIMEOUT") {
                 Some(v) => parse_millis("OTEL_EXPORTER_OTLP_TIMEOUT", &v)?,
                 None => DEFAULT_EXPORT_TIMEOUT,
             },
@@ -356,7 +357,8 @@ impl ExportConfig {
             endpoint,
             protocol,
             timeout,
-            service_name: env("OTEL_SERVICE_NAME")
+            service_name: env
+                .var("OTEL_SERVICE_NAME")
                 .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_owned()),
             sampler: sampler_from_env(env)?,
             batch: batch_from_env(env, timeout)?,
@@ -397,10 +399,10 @@ impl ExportConfig {
     }
 }
 
-fn sampler_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Sampler, TelemetryError> {
+fn sampler_from_env(env: &dyn EnvSource) -> Result<Sampler, TelemetryError> {
     const VAR: &str = "OTEL_TRACES_SAMPLER";
     let ratio = || -> Result<f64, TelemetryError> {
-        match env("OTEL_TRACES_SAMPLER_ARG") {
+        match env.var("OTEL_TRACES_SAMPLER_ARG") {
             None => Ok(1.0),
             Some(v) => v
                 .trim()
@@ -416,7 +418,7 @@ fn sampler_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Sampler, Tel
                 }),
         }
     };
-    let name = env(VAR);
+    let name = env.var(VAR);
     Ok(match name.as_deref().map(str::trim) {
         None | Some("parentbased_always_on") => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
         Some("parentbased_always_off") => Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
@@ -438,15 +440,13 @@ fn sampler_from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Sampler, Tel
 }
 
 /// `OTEL_EXPORTER_OTLP_HEADERS`, with `OTEL_EXPORTER_OTLP_TRACES_HEADERS` winning per key.
-fn headers_from_env(
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<hyper::HeaderMap, TelemetryError> {
+fn headers_from_env(env: &dyn EnvSource) -> Result<hyper::HeaderMap, TelemetryError> {
     let mut headers = hyper::HeaderMap::new();
     for var in [
         "OTEL_EXPORTER_OTLP_HEADERS",
         "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
     ] {
-        if let Some(spec) = env(var) {
+        if let Some(spec) = env.var(var) {
             let parsed =
                 parse_headers(&spec).map_err(|problem| TelemetryError::Invalid { var, problem })?;
             for name in parsed.keys() {
@@ -460,10 +460,10 @@ fn headers_from_env(
 
 /// The `OTEL_BSP_*` variables; the export timeout defaults to the exporter's.
 fn batch_from_env(
-    env: &dyn Fn(&str) -> Option<String>,
+    env: &dyn EnvSource,
     export_timeout: Duration,
 ) -> Result<BatchConfig, TelemetryError> {
-    let count = |var: &'static str, default: usize| match env(var) {
+    let count = |var: &'static str, default: usize| match env.var(var) {
         None => Ok(default),
         Some(v) => v
             .trim()
@@ -472,7 +472,7 @@ fn batch_from_env(
             .filter(|n| *n > 0)
             .ok_or_else(|| invalid(var, &v, "expected a whole number above zero")),
     };
-    let millis = |var: &'static str, default: Duration| match env(var) {
+    let millis = |var: &'static str, default: Duration| match env.var(var) {
         None => Ok(default),
         Some(v) => parse_millis(var, &v),
     };
