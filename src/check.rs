@@ -3,11 +3,8 @@
 
 use std::fmt::Write;
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
-
 use crate::app::Prober;
-use crate::broker;
+use crate::broker::{self, topology};
 use crate::config::Config;
 
 /// Why the check failed; the binary maps it to an exit code (69, `EX_UNAVAILABLE`).
@@ -42,21 +39,7 @@ pub async fn check(config: &Config, report: &mut String) -> Result<(), CheckFail
         connection.ok_or_else(|| CheckFailed("no broker node could be reached".into()))?;
     let mut failures = Vec::new();
     for sub in &config.subscriptions {
-        // A failed passive declare closes its channel: one channel per queue.
-        let result = match connection.create_channel().await {
-            Ok(channel) => channel
-                .queue_declare(
-                    sub.queue.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map(|q| (q.message_count(), q.consumer_count())),
-            Err(e) => Err(e),
-        };
+        let result = topology::inspect(&connection, &sub.queue).await;
         match result {
             Ok((ready, consumers)) => {
                 let _ = writeln!(

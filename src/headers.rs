@@ -87,10 +87,9 @@ pub fn to_http(info: &DeliveryInfo<'_>) -> HeaderMap {
 /// The headers every delivery from one queue carries, made once per consumer: each message's
 /// header map starts as a copy of this one, with the values filled in where they stand.
 ///
-/// Why: the six headers every message has (content type, exchange, routing key, queue,
-/// redelivered, attempt) were each hashed and inserted for every message, a tenth of what the
-/// sidecar itself spends per message. A copy of a finished map hashes nothing, and the queue's
-/// value is checked once. `Content-Length` has its place in the template too: a copy is exactly
+/// Why: inserting the six headers every message has (content type, exchange, routing key, queue,
+/// redelivered, attempt) hashes each of them per message; a copy of a finished map hashes
+/// nothing, and the queue's value is checked once (docs/performance.md has the cost). `Content-Length` has its place in the template too: a copy is exactly
 /// as long as its entries, so the HTTP client inserting it would grow every copy.
 #[derive(Debug, Clone)]
 pub struct QueueHeaders {

@@ -6,8 +6,7 @@
 //! have cut it). Broker and app outages are readiness failures, never liveness failures: restarting
 //! the sidecar cannot fix the broker and would only cause restart storms.
 
-use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -53,7 +52,8 @@ struct Sub {
     state: State,
     consumer_tag: Option<String>,
     consumer_up: bool,
-    in_flight: HashMap<u64, InFlight, BuildHasherDefault<IdHasher>>,
+    /// By in-flight id; ids count up, so a B-tree keeps them in arrival order without hashing.
+    in_flight: BTreeMap<u64, InFlight>,
     /// When the last delivery arrived (also to infer "active" under single active consumer).
     last_delivery: Option<Instant>,
     last_ack: Option<SystemTime>,
@@ -104,7 +104,7 @@ impl Health {
                         state: State::Connecting,
                         consumer_tag: None,
                         consumer_up: false,
-                        in_flight: HashMap::default(),
+                        in_flight: BTreeMap::new(),
                         last_delivery: None,
                         last_ack: None,
                         loop_tick: now,
@@ -415,29 +415,6 @@ fn wall_clock(t: Instant) -> SystemTime {
     SystemTime::now()
         .checked_sub(t.elapsed())
         .unwrap_or(SystemTime::UNIX_EPOCH)
-}
-
-/// Hashes the in-flight ids, which count up from 1: SipHash (the default) would guard against
-/// chosen keys that cannot occur here, at several times the cost, on every message.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        // Fibonacci hashing spreads consecutive ids over the whole range, top bits included
-        // (the hash table takes its tag from them).
-        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) | u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, id: u64) {
-        self.0 = id;
-    }
 }
 
 fn rfc3339(t: SystemTime) -> String {

@@ -26,7 +26,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
-use self::health::Health;
+use self::health::{Health, Verdict};
 use crate::broker::monitor;
 use crate::telemetry::metrics::Metrics;
 
@@ -50,9 +50,20 @@ fn text(
         .expect("static headers always build")
 }
 
+/// 200 or 503 with the verdict's one-line reason.
+fn verdict(v: Verdict) -> Response<Full<Bytes>> {
+    let status = if v.ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    text(status, format!("{}\n", v.reason), PLAIN)
+}
+
+const PLAIN: &str = "text/plain; charset=utf-8";
+
 impl Admin {
     pub fn answer(&self, method: &Method, path: &str) -> Response<Full<Bytes>> {
-        const PLAIN: &str = "text/plain; charset=utf-8";
         if method != Method::GET && method != Method::HEAD {
             return text(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -69,24 +80,8 @@ impl Admin {
                     "text/plain; version=0.0.4; charset=utf-8",
                 )
             }
-            "/healthz" | "/livez" => {
-                let v = self.health.liveness();
-                let status = if v.ok {
-                    StatusCode::OK
-                } else {
-                    StatusCode::SERVICE_UNAVAILABLE
-                };
-                text(status, format!("{}\n", v.reason), PLAIN)
-            }
-            "/readyz" => {
-                let v = self.health.readiness();
-                let status = if v.ok {
-                    StatusCode::OK
-                } else {
-                    StatusCode::SERVICE_UNAVAILABLE
-                };
-                text(status, format!("{}\n", v.reason), PLAIN)
-            }
+            "/healthz" | "/livez" => verdict(self.health.liveness()),
+            "/readyz" => verdict(self.health.readiness()),
             "/status" => {
                 let doc =
                     serde_json::to_string_pretty(&self.health.status()).expect("status serializes");

@@ -11,7 +11,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use crate::encode::{base64, percent_encode};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+
+use crate::encode::path_segment;
 
 #[derive(Debug, Clone)]
 pub struct Management {
@@ -28,7 +31,7 @@ impl Management {
             Some((u, h)) => (Some(u), h),
             None => (None, authority),
         };
-        let authorization = userinfo.map(|u| format!("Basic {}", base64(u.as_bytes())));
+        let authorization = userinfo.map(|u| format!("Basic {}", BASE64.encode(u.as_bytes())));
         Management {
             base: format!(
                 "{}://{hostport}{}",
@@ -47,7 +50,7 @@ impl Management {
             "{}/api/queues/{}/{}",
             self.base,
             self.vhost,
-            percent_encode(queue)
+            path_segment(queue)
         );
         let mut req = Request::get(url).body(Empty::new()).ok()?;
         if let Some(auth) = &self.authorization {

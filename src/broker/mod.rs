@@ -8,4 +8,4 @@ pub mod monitor;
 pub mod session;
 pub mod topology;
 
-pub(crate) use session::{Session, Sessions, backoff, connect, hostname, queue_stats, tls_config};
+pub(crate) use session::{Session, Sessions, backoff, connect, hostname, tls_config};

@@ -14,8 +14,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::health::{Health, State};
+use crate::broker::Sessions;
 use crate::broker::management::Management;
-use crate::broker::{Sessions, queue_stats};
+use crate::broker::topology;
 use crate::config::Config;
 use crate::telemetry::events::{AckTimeoutWarning, Event};
 use crate::telemetry::metrics::Metrics;
@@ -64,7 +65,7 @@ pub async fn run(
                 let Some(session) = session else { continue };
                 for sub in &config.subscriptions {
                     let q = &sub.queue;
-                    let consumers = match queue_stats(&session.connection, q).await {
+                    let consumers = match topology::inspect(&session.connection, q).await {
                         Ok((ready, consumers)) => {
                             metrics.queue_messages_ready.with_label_values(&[q]).set(i64::from(ready));
                             metrics.queue_consumers.with_label_values(&[q]).set(i64::from(consumers));

@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::QueueDeclareOptions;
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
-use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, Event as LapinEvent};
 use rand::Rng;
 use tokio::sync::watch;
@@ -301,27 +299,6 @@ async fn why_lost(
         Some(e) => (LossReason::of(&e), e.to_string()),
         None => (LossReason::Other, "connection no longer connected".into()),
     }
-}
-
-/// Ready messages and consumers of `queue`, by a passive declare on a short-lived channel so a
-/// failure (queue deleted) cannot close the consuming channel.
-pub async fn queue_stats(connection: &Connection, queue: &str) -> Result<(u32, u32), lapin::Error> {
-    let channel = connection.create_channel().await?;
-    let result = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    if channel.status().connected() {
-        let _ = channel.close(200, "stats".into()).await;
-    }
-    let q = result?;
-    Ok((q.message_count(), q.consumer_count()))
 }
 
 #[cfg(test)]

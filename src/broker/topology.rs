@@ -59,12 +59,14 @@ fn reply_code(e: &lapin::Error) -> Option<u16> {
     }
 }
 
+/// Declares `name` (passively: only checks that it exists) on a channel of its own, and returns
+/// its ready messages and consumers.
 async fn declare_on_fresh_channel(
     connection: &Connection,
     name: &str,
     passive: bool,
     arguments: FieldTable,
-) -> Result<(), lapin::Error> {
+) -> Result<(u32, u32), lapin::Error> {
     let channel = connection.create_channel().await?;
     let r = channel
         .queue_declare(
@@ -80,7 +82,16 @@ async fn declare_on_fresh_channel(
     if channel.status().connected() {
         let _ = channel.close(200, "declared".into()).await;
     }
-    r.map(|_| ())
+    r.map(|q| (q.message_count(), q.consumer_count()))
+}
+
+/// Ready messages and consumers of `queue`, by a passive declare on a short-lived channel (a
+/// refused one closes its channel, which must never be a consuming one).
+pub(crate) async fn inspect(
+    connection: &Connection,
+    queue: &str,
+) -> Result<(u32, u32), lapin::Error> {
+    declare_on_fresh_channel(connection, queue, true, FieldTable::default()).await
 }
 
 /// Declares `name` if it is missing; leaves an existing queue as it is.
@@ -89,8 +100,8 @@ async fn ensure(
     name: &str,
     arguments: FieldTable,
 ) -> Result<(), TopologyError> {
-    match declare_on_fresh_channel(connection, name, true, FieldTable::default()).await {
-        Ok(()) => return Ok(()),
+    match inspect(connection, name).await {
+        Ok(_) => return Ok(()),
         // A non-replicated queue whose node is down (in a cluster, the node this sidecar first
         // declared it on). It exists, so consuming goes on: copies that cannot reach it are not
         // confirmed, and their originals are held and requeued until the node is back.
@@ -118,6 +129,7 @@ async fn declare(
 ) -> Result<(), TopologyError> {
     declare_on_fresh_channel(connection, name, false, arguments)
         .await
+        .map(|_| ())
         .map_err(|error| match reply_code(&error) {
             Some(406) => TopologyError::Conflict {
                 what: "queue",
@@ -251,8 +263,8 @@ pub async fn prepare(connection: &Connection, spec: &QueueSpec) -> Result<(), To
             declare_exchange_and_bind(connection, spec, exchange, *kind).await?;
         }
     } else {
-        match declare_on_fresh_channel(connection, &spec.queue, true, FieldTable::default()).await {
-            Ok(()) => {}
+        match inspect(connection, &spec.queue).await {
+            Ok(_) => {}
             Err(e) if reply_code(&e) == Some(404) => {
                 return Err(TopologyError::Missing(spec.queue.clone()));
             }

@@ -18,7 +18,7 @@ use tokio::process::Command;
 
 use super::client::{self, ClientError, Response};
 use super::config::{PodChoice, Target, is_dns1123_subdomain};
-use crate::encode::percent_encode;
+use crate::encode::path_segment;
 
 /// Extra time on top of Docker's stop timeout for the restart request to complete.
 const DOCKER_SLACK: Duration = Duration::from_secs(30);
@@ -153,7 +153,7 @@ async fn kubernetes_delete_pod(target: &Target, alert: &AlertFacts) -> Result<St
             let name = alert_pod(alert, namespace)?;
             let path = format!(
                 "/api/v1/namespaces/{namespace}/pods?labelSelector={}",
-                percent_encode(selector)
+                path_segment(selector)
             );
             let response =
                 client::send_to(api_server, ca_file, request(Method::GET, path)?).await?;
@@ -296,10 +296,7 @@ mod tests {
 
     #[test]
     fn selector_is_encoded() {
-        assert_eq!(
-            percent_encode("app=web,tier!=db"),
-            "app%3Dweb%2Ctier%21%3Ddb"
-        );
+        assert_eq!(path_segment("app=web,tier!=db"), "app%3Dweb%2Ctier%21%3Ddb");
     }
 
     #[tokio::test]
