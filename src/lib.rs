@@ -23,19 +23,19 @@
 //! and picks the exit code.
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod app;
-pub mod broker;
+mod admin;
+mod app;
+mod broker;
 pub mod check;
 pub mod cli;
 pub mod config;
-pub mod encode;
+mod encode;
 mod env;
-pub mod headers;
+mod headers;
 mod pipeline;
-pub mod policy;
+mod policy;
 pub mod remediate;
-pub mod run;
+mod run;
 mod signals;
 pub mod telemetry;
 

@@ -10,8 +10,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use rabbit_sidecar::policy::{DeadLetterReason, RetryReason};
-use rabbit_sidecar::telemetry::metrics::{CancelReason, HandlerOutcome, LossReason};
+use rabbit_sidecar::telemetry::metrics::{
+    CancelReason, DeadLetterReason, HandlerOutcome, LossReason, RetryReason,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Every `rabbit_sidecar_*` family name written as a string literal in `src/telemetry/metrics.rs`: the

@@ -151,10 +151,6 @@ impl Health {
         self.with(|i| i.app_up = up);
     }
 
-    pub fn app_up(&self) -> bool {
-        self.with(|i| i.app_up)
-    }
-
     pub fn set_draining(&self) {
         self.with(|i| {
             i.draining = true;
@@ -162,10 +158,6 @@ impl Health {
                 s.state = State::Draining;
             }
         });
-    }
-
-    pub fn draining(&self) -> bool {
-        self.with(|i| i.draining)
     }
 
     pub fn set_state(&self, queue: &str, state: State) {

@@ -11,7 +11,7 @@
 //! Only `GET` (and `HEAD`) are served; anything else is 405, unknown paths 404. Request heads are
 //! capped at 16 KiB and bodies are never read, so an oversized or malformed request costs nothing.
 
-pub mod health;
+pub(crate) mod health;
 
 use std::convert::Infallible;
 use std::sync::Arc;

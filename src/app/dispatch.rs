@@ -75,10 +75,6 @@ impl Dispatcher {
         self.host.as_ref()
     }
 
-    pub fn prober(&self) -> &Prober {
-        &self.probe
-    }
-
     /// POSTs `body` with `headers` (with [`Dispatcher::host`] among them, or the client adds
     /// `Host` itself) to the target and waits at most the handler timeout. `headers` may carry
     /// a `Content-Length`, which must then be the body's length: the HTTP client frames the body

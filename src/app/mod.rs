@@ -2,8 +2,8 @@
 //! of AMQP), and whether it can take messages at all ([`gate`]: pause consuming while nothing
 //! listens, probe, resume).
 
-pub mod dispatch;
-pub mod gate;
+pub(crate) mod dispatch;
+pub(crate) mod gate;
 
 pub(crate) use dispatch::{Dispatcher, Prober};
 pub(crate) use gate::AppGate;

@@ -3,9 +3,9 @@
 //! ([`topology`]), the periodic polls of queue depth and consumers ([`monitor`]), and the
 //! management API ([`management`]).
 
-pub mod management;
-pub mod monitor;
-pub mod session;
-pub mod topology;
+pub(crate) mod management;
+pub(crate) mod monitor;
+pub(crate) mod session;
+pub(crate) mod topology;
 
 pub(crate) use session::{Session, Sessions, backoff, connect, hostname, tls_config};

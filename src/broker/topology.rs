@@ -44,14 +44,6 @@ pub enum TopologyError {
     Broker { queue: String, error: lapin::Error },
 }
 
-impl TopologyError {
-    /// A missing queue or conflicting declaration will not fix itself on retry with the same
-    /// connection; a broker error might.
-    pub fn is_permanent(&self) -> bool {
-        !matches!(self, TopologyError::Broker { .. })
-    }
-}
-
 fn reply_code(e: &lapin::Error) -> Option<u16> {
     match e.kind() {
         ErrorKind::ProtocolError(p) => Some(p.get_id()),

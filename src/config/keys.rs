@@ -387,3 +387,41 @@ pub const ALL: [&Key; 33] = [
     &LOG_FORMAT,
     &PATH,
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const README: &str = include_str!("../../README.md");
+
+    /// The README is the user's contract: a setting without its row there fails here.
+    #[test]
+    fn every_flag_and_variable_is_in_the_readme_configuration_table() {
+        for key in ALL.iter().filter(|k| k.is_flag()) {
+            let flag = format!("| `--{}` |", key.name);
+            assert!(
+                README.contains(&flag),
+                "README's configuration table lacks {flag}"
+            );
+            let env = format!("`{}`", key.env());
+            assert!(README.contains(&env), "README lacks {env}");
+        }
+    }
+
+    #[test]
+    fn names_are_unique_and_entry_keys_are_not_flags() {
+        let mut names: Vec<&str> = ALL.iter().map(|k| k.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), ALL.len(), "a key is listed twice");
+        assert!(!PATH.is_flag() && PATH.in_entries() && !PATH.inherited());
+        assert!(QUEUE.is_flag() && QUEUE.in_entries() && !QUEUE.inherited());
+        assert!(PREFETCH.inherited() && !LISTEN.in_entries());
+        assert_eq!(
+            RETRY_QUEUE.default_text(),
+            None,
+            "a derived default is not parsed"
+        );
+        assert_eq!(RETRY_QUEUE.default_doc(), Some("<queue>.retry"));
+    }
+}

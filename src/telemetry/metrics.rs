@@ -9,7 +9,8 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::policy::{DeadLetterReason, Decision, Outcome, RetryReason};
+pub use crate::policy::{DeadLetterReason, RetryReason};
+use crate::policy::{Decision, Outcome};
 
 /// Why a connection was lost: the label values of `rabbit_sidecar_connection_losses_total{reason}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,7 +39,7 @@ impl LossReason {
     }
 
     /// Classifies a lapin error by its predicates, not by matching every variant.
-    pub fn of(error: &lapin::Error) -> LossReason {
+    pub(crate) fn of(error: &lapin::Error) -> LossReason {
         if matches!(error.kind(), lapin::ErrorKind::MissingHeartbeatError) {
             LossReason::Heartbeat
         } else if error.is_amqp_error() {
@@ -108,7 +109,7 @@ impl HandlerOutcome {
 
     /// The outcome of a call that answered `outcome` and on which the policy decided `decision`.
     /// `timeout` is the handler deadline passing; an HTTP 408 is an answer, labelled `retry`.
-    pub fn of(decision: &Decision, outcome: &Outcome) -> HandlerOutcome {
+    pub(crate) fn of(decision: &Decision, outcome: &Outcome) -> HandlerOutcome {
         match decision {
             Decision::Ack => HandlerOutcome::Ack,
             Decision::Retry {
@@ -125,20 +126,20 @@ impl HandlerOutcome {
 /// One queue's per-message series, resolved once per consumer session: a lookup by label
 /// values hashes them and takes a lock.
 #[derive(Clone, Debug)]
-pub struct QueueSeries {
-    pub deliveries: IntCounter,
-    pub redeliveries: IntCounter,
-    pub last_delivery: Gauge,
-    pub message_age: Histogram,
-    pub acks: IntCounter,
-    pub last_ack: Gauge,
-    pub delivery_attempts: Histogram,
+pub(crate) struct QueueSeries {
+    pub(crate) deliveries: IntCounter,
+    pub(crate) redeliveries: IntCounter,
+    pub(crate) last_delivery: Gauge,
+    pub(crate) message_age: Histogram,
+    pub(crate) acks: IntCounter,
+    pub(crate) last_ack: Gauge,
+    pub(crate) delivery_attempts: Histogram,
     /// In the order of [`HandlerOutcome::ALL`].
     handler_duration: [Histogram; HandlerOutcome::ALL.len()],
 }
 
 impl QueueSeries {
-    pub fn handler_duration(&self, outcome: HandlerOutcome) -> &Histogram {
+    pub(crate) fn handler_duration(&self, outcome: HandlerOutcome) -> &Histogram {
         &self.handler_duration[outcome as usize]
     }
 }
@@ -147,35 +148,35 @@ impl QueueSeries {
 #[derive(Clone, Debug)]
 pub struct Metrics {
     registry: Registry,
-    pub deliveries: IntCounterVec,
-    pub redeliveries: IntCounterVec,
-    pub acks: IntCounterVec,
-    pub nacks: IntCounterVec,
-    pub retries: IntCounterVec,
-    pub dead_letters: IntCounterVec,
-    pub dead_letter_failures: IntCounterVec,
-    pub settle_failures: IntCounterVec,
-    pub reconnects: IntCounter,
-    pub connection_losses: IntCounterVec,
-    pub connect_failures: IntCounter,
-    pub consumer_cancellations: IntCounterVec,
-    pub ack_timeout_warnings: IntCounterVec,
-    pub connection_up: IntGauge,
-    pub connection_blocked: IntGauge,
-    pub consumer_up: IntGaugeVec,
-    pub consumer_active: IntGaugeVec,
-    pub app_up: IntGauge,
-    pub ready: IntGauge,
-    pub in_flight: IntGaugeVec,
-    pub last_delivery: GaugeVec,
-    pub last_ack: GaugeVec,
-    pub oldest_unacked_age: GaugeVec,
-    pub consumer_timeout: Gauge,
-    pub queue_messages_ready: IntGaugeVec,
-    pub queue_consumers: IntGaugeVec,
-    pub handler_duration: HistogramVec,
-    pub delivery_attempts: HistogramVec,
-    pub message_age: HistogramVec,
+    pub(crate) deliveries: IntCounterVec,
+    pub(crate) redeliveries: IntCounterVec,
+    pub(crate) acks: IntCounterVec,
+    pub(crate) nacks: IntCounterVec,
+    pub(crate) retries: IntCounterVec,
+    pub(crate) dead_letters: IntCounterVec,
+    pub(crate) dead_letter_failures: IntCounterVec,
+    pub(crate) settle_failures: IntCounterVec,
+    pub(crate) reconnects: IntCounter,
+    pub(crate) connection_losses: IntCounterVec,
+    pub(crate) connect_failures: IntCounter,
+    pub(crate) consumer_cancellations: IntCounterVec,
+    pub(crate) ack_timeout_warnings: IntCounterVec,
+    pub(crate) connection_up: IntGauge,
+    pub(crate) connection_blocked: IntGauge,
+    pub(crate) consumer_up: IntGaugeVec,
+    pub(crate) consumer_active: IntGaugeVec,
+    pub(crate) app_up: IntGauge,
+    pub(crate) ready: IntGauge,
+    pub(crate) in_flight: IntGaugeVec,
+    pub(crate) last_delivery: GaugeVec,
+    pub(crate) last_ack: GaugeVec,
+    pub(crate) oldest_unacked_age: GaugeVec,
+    pub(crate) consumer_timeout: Gauge,
+    pub(crate) queue_messages_ready: IntGaugeVec,
+    pub(crate) queue_consumers: IntGaugeVec,
+    pub(crate) handler_duration: HistogramVec,
+    pub(crate) delivery_attempts: HistogramVec,
+    pub(crate) message_age: HistogramVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -455,7 +456,7 @@ impl Metrics {
     }
 
     /// The series of `queue` that move on every message, looked up once.
-    pub fn queue_series(&self, queue: &str) -> QueueSeries {
+    pub(crate) fn queue_series(&self, queue: &str) -> QueueSeries {
         QueueSeries {
             deliveries: self.deliveries.with_label_values(&[queue]),
             redeliveries: self.redeliveries.with_label_values(&[queue]),
@@ -491,5 +492,25 @@ impl Metrics {
             .iter()
             .map(|f| f.name().to_string())
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The README is the user's contract: a metric family without its row there fails here.
+    #[test]
+    fn every_metric_family_is_in_the_readme_metrics_table() {
+        let readme = include_str!("../../README.md");
+        for name in Metrics::new(&["q"]).family_names() {
+            if name.starts_with("process_") {
+                continue;
+            }
+            assert!(
+                readme.contains(&format!("| `{name}` |")),
+                "README's metrics table lacks {name}"
+            );
+        }
     }
 }

@@ -13,11 +13,14 @@
 //! every span against the official conversion (`opentelemetry-proto`), so a new field must be
 //! added to [`otlp::encode_request`] and to that comparison in the same change.
 
-pub mod events;
+pub(crate) mod events;
 pub mod metrics;
-pub mod otlp;
-pub mod setup;
-pub mod span_batch;
-pub mod trace;
+pub(crate) mod otlp;
+pub(crate) mod setup;
+pub(crate) mod span_batch;
+pub(crate) mod trace;
 
 pub use setup::{LogFormat, Telemetry, TelemetryError};
+
+#[cfg(test)]
+mod tests;

@@ -260,7 +260,15 @@ pub fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
         .as_ref()?
         .inner()
         .get(name)
-        .and_then(rabbit_sidecar::headers::scalar_text)
+        .and_then(|v| match v {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            AMQPValue::ShortString(s) => Some(s.to_string()),
+            AMQPValue::LongLongInt(n) => Some(n.to_string()),
+            AMQPValue::LongInt(n) => Some(n.to_string()),
+            AMQPValue::ShortInt(n) => Some(n.to_string()),
+            AMQPValue::Boolean(b) => Some(b.to_string()),
+            _ => None,
+        })
 }
 
 /// Runs `rabbitmqctl` with `args`; panics with its output when it fails.

@@ -5,15 +5,15 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::telemetry::setup::{LogFormat, Telemetry, otel_layer};
+use crate::telemetry::trace::{
+    DeliveryMeta, HttpTarget, MessageTrace, extract_context, parse_traceparent,
+};
 use hyper::HeaderMap;
 use lapin::types::{AMQPValue, ByteArray, FieldArray, FieldTable, LongString, ShortString};
 use opentelemetry::trace::{SpanId, SpanKind, Status, TraceId, TracerProvider as _};
 use opentelemetry::{KeyValue, Value};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
-use rabbit_sidecar::telemetry::setup::{LogFormat, Telemetry, otel_layer};
-use rabbit_sidecar::telemetry::trace::{
-    DeliveryMeta, HttpTarget, MessageTrace, extract_context, parse_traceparent,
-};
 use tracing_subscriber::layer::SubscriberExt as _;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";

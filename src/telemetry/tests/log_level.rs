@@ -5,7 +5,7 @@
 //! every live dispatcher, so this check has a test binary of its own and makes one dispatcher at
 //! a time.
 
-use rabbit_sidecar::telemetry::{LogFormat, Telemetry};
+use crate::telemetry::{LogFormat, Telemetry};
 use tracing::level_filters::LevelFilter;
 
 /// Nothing listens here: the exporter connects lazily, and nothing is exported.

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::telemetry::span_batch::{BatchConfig, SpanBatcher};
 use opentelemetry::trace::{
     Link, SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState, Tracer as _,
     TracerProvider as _,
@@ -22,7 +23,6 @@ use opentelemetry_sdk::trace::{
     InMemorySpanExporter, Sampler, SamplingDecision, SamplingResult, SdkTracer, SdkTracerProvider,
     ShouldSample, SpanData, SpanEvents, SpanExporter, SpanLinks, SpanProcessor,
 };
-use rabbit_sidecar::telemetry::span_batch::{BatchConfig, SpanBatcher};
 use tokio::sync::Semaphore;
 
 /// How long to wait for the export task before failing a test.

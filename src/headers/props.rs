@@ -7,13 +7,13 @@
 
 use std::collections::BTreeMap;
 
+use crate::headers::{self, DeliveryInfo, scalar_text};
 use hyper::header::HeaderMap;
 use lapin::BasicProperties;
 use lapin::types::{
     AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString, ShortString,
 };
 use proptest::prelude::*;
-use rabbit_sidecar::headers::{self, DeliveryInfo, scalar_text};
 
 fn name() -> impl Strategy<Value = String> {
     prop_oneof![

@@ -7,6 +7,8 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::telemetry::setup::{LogFormat, SHUTDOWN_GRACE, Telemetry};
+use crate::telemetry::trace::{DeliveryMeta, HttpTarget, MessageTrace};
 use bytes::{BufMut as _, Bytes, BytesMut};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Full, StreamBody};
@@ -20,8 +22,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
 use prost::Message as _;
-use rabbit_sidecar::telemetry::setup::{LogFormat, SHUTDOWN_GRACE, Telemetry};
-use rabbit_sidecar::telemetry::trace::{DeliveryMeta, HttpTarget, MessageTrace};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 

@@ -1,6 +1,7 @@
 //! The direct OTLP encoder writes exactly what the official conversion (opentelemetry-proto)
 //! produces, for every kind of span content the SDK can hold.
 
+use crate::telemetry::otlp::encode_request;
 use opentelemetry::trace::{
     Link, Span as _, SpanBuilder, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _,
     TraceFlags, TraceId, TraceState, Tracer as _, TracerProvider as _,
@@ -12,7 +13,6 @@ use opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_sc
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use prost::Message as _;
-use rabbit_sidecar::telemetry::otlp::encode_request;
 
 fn resource() -> Resource {
     Resource::builder_empty()

@@ -76,6 +76,7 @@ mod name {
 /// The prefix of a user header's HTTP name.
 const USER_HEADER_PREFIX: &str = "x-amqp-header-";
 
+#[cfg(test)]
 /// Builds the HTTP headers for a delivery. Never fails: what cannot be mapped is left out.
 ///
 /// A consumer builds its [`QueueHeaders`] once and calls [`QueueHeaders::for_delivery`] instead;
@@ -467,3 +468,6 @@ mod tests {
         assert_eq!(prior_attempts(Some(&t)), 0);
     }
 }
+
+#[cfg(test)]
+mod props;

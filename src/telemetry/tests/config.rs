@@ -3,10 +3,10 @@
 
 use std::collections::HashMap;
 
+use crate::telemetry::trace::{DeliveryMeta, HttpTarget, MessageTrace};
+use crate::telemetry::{LogFormat, Telemetry, TelemetryError};
 use hyper::HeaderMap;
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use rabbit_sidecar::telemetry::trace::{DeliveryMeta, HttpTarget, MessageTrace};
-use rabbit_sidecar::telemetry::{LogFormat, Telemetry, TelemetryError};
 
 /// Nothing listens here: building an exporter connects lazily, and these tests never flush.
 const NOWHERE: &str = "http://127.0.0.1:9";
