@@ -297,6 +297,8 @@ async fn alerts_restart_the_app_and_the_sidecar_and_nothing_is_lost() {
     let sidecar = Managed {
         name: "sidecar",
         command: [
+            "/usr/bin/env",
+            "RUST_LOG=info,rabbit_sidecar=debug",
             env!("CARGO_BIN_EXE_rabbit-sidecar"),
             "--listen",
             &admin_addr,
@@ -562,14 +564,38 @@ async fn alerts_restart_the_app_and_the_sidecar_and_nothing_is_lost() {
             .filter(|id| !got.contains(id))
             .collect::<Vec<_>>()
     };
-    until(
-        started,
-        "every published id accepted",
-        || async { missing().is_empty() },
-        || format!("missing: {:?}\n{}", missing(), context()),
-    )
-    .await;
     let dlq = format!("{queue}.dead-letter");
+    let retry = format!("{queue}.retry");
+    if !eventually(STEP, || async { missing().is_empty() }).await {
+        let mut counts = Vec::new();
+        for q in [&queue, &retry, &dlq] {
+            counts.push(format!("{q}: {:?}", broker.count(q).await));
+        }
+        let dead: Vec<String> = broker
+            .drain(&dlq)
+            .await
+            .iter()
+            .map(|(body, props)| {
+                format!(
+                    "{} ({:?})",
+                    String::from_utf8_lossy(body),
+                    header_str(props, "x-sidecar-dead-letter-reason")
+                )
+            })
+            .collect();
+        let missing = missing();
+        let logs = sidecar.logs();
+        let mentions: Vec<&str> = logs
+            .lines()
+            .filter(|line| missing.iter().any(|id| line.contains(id.as_str())))
+            .take(30)
+            .collect();
+        panic!(
+            "not every published id was accepted; missing {missing:?}\n(ready, consumers): {counts:?}\ndead-lettered: {dead:?}\nsidecar log lines naming them:\n{}\n{}",
+            mentions.join("\n"),
+            context()
+        );
+    }
     assert_eq!(
         broker.count(&dlq).await.map(|c| c.0),
         Some(0),

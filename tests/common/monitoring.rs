@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use serde_json::Value;
 
-use super::{eventually, free_port};
+use super::free_port;
 
 /// A path in the repository.
 pub fn repo(path: &str) -> PathBuf {
@@ -179,8 +179,15 @@ impl Prometheus {
 
     /// Waits until Prometheus answers queries.
     pub async fn wait_ready(&mut self, timeout: Duration) {
-        let ready = eventually(timeout, || async { self.query("1").await.is_ok() }).await;
-        self.process.assert_running("prometheus");
+        let deadline = std::time::Instant::now() + timeout;
+        let mut ready = false;
+        while !ready && std::time::Instant::now() < deadline {
+            self.process.assert_running("prometheus");
+            ready = self.query("1").await.is_ok();
+            if !ready {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         assert!(
             ready,
             "prometheus not ready in {timeout:?}:\n{}",
@@ -236,8 +243,15 @@ impl Alertmanager {
     }
 
     pub async fn wait_ready(&mut self, timeout: Duration) {
-        let ready = eventually(timeout, || async { self.active_alerts().await.is_some() }).await;
-        self.process.assert_running("alertmanager");
+        let deadline = std::time::Instant::now() + timeout;
+        let mut ready = false;
+        while !ready && std::time::Instant::now() < deadline {
+            self.process.assert_running("alertmanager");
+            ready = self.active_alerts().await.is_some();
+            if !ready {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         assert!(
             ready,
             "alertmanager not ready in {timeout:?}:\n{}",
