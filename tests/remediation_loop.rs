@@ -500,6 +500,17 @@ async fn alerts_restart_the_app_and_the_sidecar_and_nothing_is_lost() {
         remediate.logs()
     );
 
+    // A scrape that times out (a loaded machine) leaves a gap that restarts an alert's `for:`;
+    // counted so that a slow run can be told from a slow loop.
+    let failed_scrapes = prometheus
+        .query(
+            "count_over_time(up{job=\"rabbit-sidecar\"}[5m]) - sum_over_time(up{job=\"rabbit-sidecar\"}[5m])",
+        )
+        .await
+        .ok()
+        .and_then(|r| r.first()?["value"][1].as_str()?.parse::<f64>().ok())
+        .unwrap_or(f64::NAN);
+
     // ---- Fault 2: the sidecar freezes.
     let sidecar_pid = sidecar.pid();
     let fault = Instant::now();
@@ -607,7 +618,7 @@ async fn alerts_restart_the_app_and_the_sidecar_and_nothing_is_lost() {
         "remediation loop (alert for: and Alertmanager timings divided by {SPEED_UP}, 1 s scrape and evaluation):\n\
          app killed:      restarted after {app_restarted:.1} s, consuming after {app_consuming:.1} s, RabbitSidecarAppDown resolved after {app_resolved:.1} s\n\
          sidecar frozen:  restarted after {sidecar_restarted:.1} s, consuming after {sidecar_consuming:.1} s, RabbitSidecarDown resolved after {sidecar_resolved:.1} s\n\
-         {total} messages published, all accepted, {duplicates} duplicates"
+         {total} messages published, all accepted, {duplicates} duplicates; {failed_scrapes} scrapes failed before the sidecar froze"
     );
     broker.cleanup().await;
 }
