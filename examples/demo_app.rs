@@ -9,14 +9,18 @@
 //! drives the restart.
 //!
 //! Environment: `DEMO_LISTEN` (default `0.0.0.0:8080`), `DEMO_FAIL_PERCENT` (0..=100, default 0),
-//! `DEMO_DELAY_MS` (added to every message request, default 0).
+//! `DEMO_DELAY_MS` (added to every message request, default 0), `DEMO_RECORD_FILE` (if set, the
+//! `X-Amqp-Message-Id` of every message answered 2xx is appended to this file, one per line, before
+//! the answer is sent: a record that survives the app being killed, to check that nothing was lost).
 //!
 //! Run: `DEMO_FAIL_PERCENT=10 cargo run --example demo_app`
 
 use std::convert::Infallible;
+use std::io::Write as _;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -33,6 +37,7 @@ struct Settings {
     listen: SocketAddr,
     fail_percent: u32,
     delay: Duration,
+    record: Option<PathBuf>,
 }
 
 impl Settings {
@@ -53,6 +58,7 @@ impl Settings {
             listen,
             fail_percent,
             delay: Duration::from_millis(delay_ms),
+            record: std::env::var_os("DEMO_RECORD_FILE").map(PathBuf::from),
         })
     }
 }
@@ -65,6 +71,7 @@ struct State {
     settings: Settings,
     hung: AtomicBool,
     handled: AtomicU64,
+    record: Option<Mutex<std::fs::File>>,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -78,6 +85,11 @@ fn reply(status: StatusCode, body: &'static str) -> Reply {
 async fn handle(state: Arc<State>, request: Request<Incoming>) -> Result<Reply, Infallible> {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
+    let message_id = request
+        .headers()
+        .get("x-amqp-message-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     match (&method, path.as_str()) {
         (&Method::GET, "/healthz") => return Ok(reply(StatusCode::OK, "ok\n")),
         (&Method::POST, "/admin/hang") => {
@@ -123,6 +135,17 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Result<Reply, 
             "simulated failure\n",
         ))
     } else {
+        if let (Some(record), Some(id)) = (&state.record, &message_id) {
+            // One write per line: with O_APPEND it lands whole even if the process dies after it.
+            let written = record
+                .lock()
+                .unwrap()
+                .write_all(format!("{id}\n").as_bytes());
+            if let Err(error) = written {
+                tracing::error!(%error, "cannot record the message id; answering 500");
+                return Ok(reply(StatusCode::INTERNAL_SERVER_ERROR, "cannot record\n"));
+            }
+        }
         tracing::debug!(%path, bytes = body.len(), seq, "handled");
         Ok(reply(StatusCode::OK, "ok\n"))
     }
@@ -164,10 +187,25 @@ async fn main() {
         delay_ms = settings.delay.as_millis() as u64,
         "demo app listening"
     );
+    let record = match &settings.record {
+        Some(path) => match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            Ok(file) => Some(Mutex::new(file)),
+            Err(error) => {
+                eprintln!("demo_app: DEMO_RECORD_FILE {}: {error}", path.display());
+                std::process::exit(64);
+            }
+        },
+        None => None,
+    };
     let state = Arc::new(State {
         settings,
         hung: AtomicBool::new(false),
         handled: AtomicU64::new(0),
+        record,
     });
 
     let shutdown = shutdown_signal();

@@ -3,7 +3,9 @@
 //! and their provisioning, docker-compose.yml, the Kubernetes example and the Dockerfile.
 //!
 //! `promtool` and `amtool` come from the Debian packages `prometheus` and
-//! `prometheus-alertmanager`; the tests that need them fail, saying so, when they are missing.
+//! `prometheus-alertmanager`; Docker Compose, `kubernetes-validate`, `check-jsonschema`, Grafana's
+//! schema package and `ts-json-schema-generator` from `scripts/test-deps.sh`, which installs them
+//! (pinned) into `target/tools`. The tests that need a tool fail, saying so, when it is missing.
 //! Nothing here starts a container or touches the network.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -108,6 +110,33 @@ fn run_tool(tool: &str, debian_package: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     stdout
+}
+
+/// A tool that `scripts/test-deps.sh` installs into `target/tools/bin`.
+fn asset_tool(name: &str) -> PathBuf {
+    let path = root().join("target/tools/bin").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/test-deps.sh, which installs it (scripts/test.sh and CI do)",
+        path.display()
+    );
+    path
+}
+
+/// Runs an asset tool in the repository root: (whether it succeeded, stdout and stderr together).
+fn run_asset_tool(name: &str, args: &[&str]) -> (bool, String) {
+    let tool = asset_tool(name);
+    let output = Command::new(&tool)
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", tool.display()));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
 }
 
 fn paths_as_args(paths: &[PathBuf]) -> Vec<String> {
@@ -904,4 +933,273 @@ fn dockerfile_copies_existing_sources_and_runs_as_non_root() {
             "the runtime image does not install {binary}"
         );
     }
+}
+
+/// The Compose services the README and docs describe.
+const COMPOSE_SERVICES: &[&str] = &[
+    "alertmanager",
+    "demo-app",
+    "grafana",
+    "jaeger",
+    "producer",
+    "prometheus",
+    "rabbitmq",
+    "remediate",
+    "sidecar",
+];
+
+#[test]
+fn docker_compose_accepts_the_compose_file() {
+    // `config` loads the file the way `docker compose up` does (the Compose specification's
+    // schema, then the model: interpolation, references between services, volumes, networks).
+    let (ok, output) = run_asset_tool(
+        "docker-compose",
+        &["--file", "docker-compose.yml", "config", "--quiet"],
+    );
+    assert!(ok, "docker compose rejects docker-compose.yml:\n{output}");
+    let (ok, output) = run_asset_tool(
+        "docker-compose",
+        &["--file", "docker-compose.yml", "config", "--services"],
+    );
+    assert!(ok, "{output}");
+    let services: BTreeSet<&str> = output.lines().map(str::trim).collect();
+    assert_eq!(
+        services,
+        COMPOSE_SERVICES.iter().copied().collect(),
+        "docker compose sees other services"
+    );
+}
+
+/// The Kubernetes versions the README promises the manifests for: native sidecars
+/// (`restartPolicy: Always` on an init container) are on by default from 1.29; 1.37 is the newest
+/// schema set that the pinned kubernetes-validate bundles.
+const KUBERNETES_VERSIONS: std::ops::RangeInclusive<u32> = 29..=37;
+
+/// Kinds that are not part of the Kubernetes API, so it has no schema for them.
+const NOT_KUBERNETES_API_KINDS: &[&str] = &[
+    // kustomize's own file, read by `kubectl apply -k`, never sent to the API server
+    "Kustomization",
+    // a Prometheus Operator custom resource
+    "PodMonitor",
+];
+
+#[test]
+fn kubernetes_manifests_validate_against_the_api_schemas() {
+    let files = paths_as_args(&files_in("deploy/kubernetes", ".yaml"));
+    let readme = read(&root().join("README.md"));
+    let promise = format!(
+        "Kubernetes 1.{} to 1.{}",
+        KUBERNETES_VERSIONS.start(),
+        KUBERNETES_VERSIONS.end()
+    );
+    assert!(
+        readme.contains(&promise),
+        "the README must name the versions checked here: {promise}"
+    );
+    // One process per version, side by side: each takes a couple of seconds to load its schemas.
+    let runs: Vec<(String, bool, String)> = std::thread::scope(|scope| {
+        let runs: Vec<_> = KUBERNETES_VERSIONS
+            .map(|minor| {
+                let files = &files;
+                scope.spawn(move || {
+                    let version = format!("1.{minor}.0");
+                    let mut args = vec!["--strict", "--kubernetes-version", &version];
+                    args.extend(files.iter().map(String::as_str));
+                    let (ok, output) = run_asset_tool("kubernetes-validate", &args);
+                    (version, ok, output)
+                })
+            })
+            .collect();
+        runs.into_iter().map(|run| run.join().unwrap()).collect()
+    });
+    for (version, ok, output) in runs {
+        assert!(
+            ok,
+            "deploy/kubernetes is not valid for Kubernetes {version}:\n{output}"
+        );
+        let validated: BTreeSet<&str> = output
+            .lines()
+            .filter(|line| line.contains(" passed for resource "))
+            .filter_map(|line| line.split(" passed for resource ").nth(1))
+            .filter_map(|rest| rest.split('/').next())
+            .collect();
+        assert_eq!(
+            validated,
+            BTreeSet::from(["deployment", "secret"]),
+            "Kubernetes {version}: not every API object was validated:\n{output}"
+        );
+        for line in output
+            .lines()
+            .filter(|line| line.contains("Couldn't find schema"))
+        {
+            assert!(
+                NOT_KUBERNETES_API_KINDS
+                    .iter()
+                    .any(|kind| line.contains(&format!("for kind {kind} "))),
+                "Kubernetes {version}: no schema for an object that should have one: {line}"
+            );
+        }
+    }
+}
+
+/// Where `npm` put `@grafana/schema`'s generated TypeScript types.
+fn grafana_schema_types() -> PathBuf {
+    let dir = root().join("target/tools/node/node_modules/@grafana/schema/dist/esm/raw");
+    assert!(
+        dir.is_dir(),
+        "{} is missing: run scripts/test-deps.sh",
+        dir.display()
+    );
+    dir
+}
+
+/// The `*_types.gen.d.ts` file of a panel plugin, and whether it defines a `FieldConfig`.
+fn panel_types_file(types: &Path, panel_type: &str) -> (PathBuf, bool) {
+    let dir = types.join(format!(
+        "composable/{}/panelcfg/x",
+        panel_type.replace('-', "")
+    ));
+    let file = std::fs::read_dir(&dir)
+        .ok()
+        .into_iter()
+        .flatten()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| path.to_string_lossy().ends_with("_types.gen.d.ts"))
+        .unwrap_or_else(|| {
+            panic!("Grafana's schema has no panel type {panel_type:?} (looked in {dir:?})")
+        });
+    let has_field_config = read(&file).contains("export interface FieldConfig ");
+    (file, has_field_config)
+}
+
+/// Drops every `required` list: the TypeScript types mark as required the fields to which
+/// Grafana's CUE schema gives defaults (Grafana fills them in on load), without saying which.
+/// Property names, types and allowed values stay checked, and no unknown property is allowed.
+fn without_required(schema: &mut serde_json::Value) {
+    match schema {
+        serde_json::Value::Object(map) => {
+            map.remove("required");
+            map.values_mut().for_each(without_required);
+        }
+        serde_json::Value::Array(list) => list.iter_mut().for_each(without_required),
+        _ => {}
+    }
+}
+
+#[test]
+fn dashboards_validate_against_grafanas_schema() {
+    let types = grafana_schema_types();
+    let dir = tempfile::tempdir().unwrap();
+
+    // One TypeScript entry point naming the dashboard type and, for every panel type the
+    // dashboards use, its options and field config; the generator turns them into one schema.
+    let dashboards = dashboards();
+    let mut panel_types = BTreeMap::new();
+    for (_, dashboard) in &dashboards {
+        for panel in panels(dashboard) {
+            let kind = panel["type"].as_str().expect("panel type");
+            if kind != "row" {
+                panel_types
+                    .entry(kind.to_owned())
+                    .or_insert_with(|| panel_types_file(&types, kind));
+            }
+        }
+    }
+    let mut entry = format!(
+        "import type {{ Dashboard }} from '{}';\nexport interface GrafanaDashboard extends Dashboard {{}}\n",
+        types.join("dashboard/x/dashboard_types.gen").display()
+    );
+    let name = |kind: &str, what: &str| format!("{}_{what}", kind.replace('-', "_"));
+    for (kind, (file, has_field_config)) in &panel_types {
+        let module = file.to_string_lossy().trim_end_matches(".d.ts").to_owned();
+        let alias = kind.replace('-', "_");
+        entry.push_str(&format!(
+            "import type * as {alias} from '{module}';\nexport interface {} extends {alias}.Options {{}}\n",
+            name(kind, "Options")
+        ));
+        if *has_field_config {
+            entry.push_str(&format!(
+                "export interface {} extends {alias}.FieldConfig {{}}\n",
+                name(kind, "FieldConfig")
+            ));
+        }
+    }
+    let entry_file = dir.path().join("grafana.ts");
+    std::fs::write(&entry_file, entry).unwrap();
+    let schema_file = dir.path().join("grafana.schema.json");
+    let (ok, output) = run_asset_tool(
+        "ts-json-schema-generator",
+        &[
+            "--path",
+            entry_file.to_str().unwrap(),
+            "--type",
+            "*",
+            "--expose",
+            "export",
+            "--out",
+            schema_file.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "cannot generate the schema:\n{output}");
+    let mut schema: serde_json::Value = serde_json::from_str(&read(&schema_file)).unwrap();
+    without_required(&mut schema);
+
+    // What to check against which definition: the dashboards whole, then each panel's options
+    // and field config (which the dashboard type leaves open, as each plugin defines its own).
+    // All of it goes into one document whose keys say what each part is, checked in one run
+    // against a schema that sends each key to its definition.
+    let mut document = serde_json::Map::new();
+    let mut properties = serde_json::Map::new();
+    let mut check = |what: String, value: &serde_json::Value, definition: String| {
+        properties.insert(
+            what.clone(),
+            serde_json::json!({ "$ref": format!("#/definitions/{definition}") }),
+        );
+        document.insert(what, value.clone());
+    };
+    for (file, dashboard) in &dashboards {
+        check(file.clone(), dashboard, "GrafanaDashboard".into());
+        for panel in panels(dashboard) {
+            let kind = panel["type"].as_str().unwrap();
+            if kind == "row" {
+                continue;
+            }
+            let id = panel["id"].as_u64().unwrap();
+            let title = panel["title"].as_str().unwrap_or_default();
+            let what = format!("{file} panel {id} {title:?} ({kind})");
+            check(
+                format!("{what} options"),
+                &panel["options"],
+                name(kind, "Options"),
+            );
+            let custom = &panel["fieldConfig"]["defaults"]["custom"];
+            if panel_types[kind].1 && !custom.is_null() {
+                check(
+                    format!("{what} fieldConfig.defaults.custom"),
+                    custom,
+                    name(kind, "FieldConfig"),
+                );
+            }
+        }
+    }
+    schema.as_object_mut().unwrap().remove("$ref");
+    schema["properties"] = properties.into();
+    schema["required"] = document.keys().cloned().collect::<Vec<_>>().into();
+    let schema_path = dir.path().join("dashboards.schema.json");
+    std::fs::write(&schema_path, schema.to_string()).unwrap();
+    let document_path = dir.path().join("dashboards.json");
+    std::fs::write(
+        &document_path,
+        serde_json::Value::from(document).to_string(),
+    )
+    .unwrap();
+    let (ok, output) = run_asset_tool(
+        "check-jsonschema",
+        &[
+            "--schemafile",
+            schema_path.to_str().unwrap(),
+            document_path.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "the dashboards do not fit Grafana's schema:\n{output}");
 }

@@ -659,5 +659,6 @@ pub async fn consume_ids(
     ids
 }
 
+pub mod monitoring;
 pub mod node;
 pub mod proxy;
