@@ -79,15 +79,7 @@ async fn process(ctx: &Ctx, msg: &InHand<'_>, id: u64) -> bool {
     let queue = ctx.sub.queue();
     // The gate may have closed since the pump started this task.
     if !shared.gate.is_up() {
-        settle::give_back(
-            shared,
-            queue,
-            msg.delivery,
-            ReturnReason::AppUnreachable,
-            Some(msg.trace),
-        )
-        .await;
-        return false;
+        return settle::hand_back(ctx, msg, ReturnReason::AppUnreachable).await;
     }
     shared.health.dispatch_started(queue, id);
     let Some(answer) = dispatch(ctx, msg).await else {
@@ -95,15 +87,7 @@ async fn process(ctx: &Ctx, msg: &InHand<'_>, id: u64) -> bool {
             Decision::Requeue.as_str(),
             ReturnReason::ShutdownDeadline.as_str(),
         );
-        settle::give_back(
-            shared,
-            queue,
-            msg.delivery,
-            ReturnReason::ShutdownDeadline,
-            Some(msg.trace),
-        )
-        .await;
-        return false;
+        return settle::hand_back(ctx, msg, ReturnReason::ShutdownDeadline).await;
     };
     shared.health.dispatch_finished(queue, id);
     let decision = decide(ctx, msg, &answer);
@@ -113,17 +97,7 @@ async fn process(ctx: &Ctx, msg: &InHand<'_>, id: u64) -> bool {
     };
     match decision {
         Decision::Ack => settle::accept(ctx, msg).await,
-        Decision::Requeue => {
-            settle::give_back(
-                shared,
-                queue,
-                msg.delivery,
-                ReturnReason::AppUnreachable,
-                Some(msg.trace),
-            )
-            .await;
-            false
-        }
+        Decision::Requeue => settle::hand_back(ctx, msg, ReturnReason::AppUnreachable).await,
         // Rare paths are boxed: inline, their futures would enlarge every message's task.
         Decision::DeadLetter { reason } => {
             Box::pin(settle::dead_letter(ctx, msg, reason, failure)).await

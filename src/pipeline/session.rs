@@ -166,40 +166,31 @@ async fn start(ctx: &Ctx, tag: &str) -> Result<Consumer, lapin::Error> {
 async fn stopped(ctx: &Ctx, ended: Pump, consumer: &mut Consumer, tag: &str) -> Option<Exit> {
     let (shared, session, queue) = (&ctx.shared, &ctx.session, ctx.sub.queue());
     let channel: &Channel = &ctx.consuming;
-    let (reason, exit) = match ended {
-        Pump::Shutdown => {
-            intake::cancel(
-                shared,
-                queue,
-                channel,
-                consumer,
-                tag,
-                ReturnReason::Shutdown,
-            )
-            .await;
-            (Some(CancelReason::Shutdown), Some(Exit::Shutdown))
-        }
-        Pump::AppDown => {
-            intake::cancel(
-                shared,
-                queue,
-                channel,
-                consumer,
-                tag,
-                ReturnReason::AppUnreachable,
-            )
-            .await;
-            (Some(CancelReason::AppDown), None)
-        }
+    // (what the unstarted messages are given back for, why the consumer stopped, what next)
+    let (give_back, reason, exit) = match ended {
+        Pump::Shutdown => (
+            Some(ReturnReason::Shutdown),
+            Some(CancelReason::Shutdown),
+            Some(Exit::Shutdown),
+        ),
+        Pump::AppDown => (
+            Some(ReturnReason::AppUnreachable),
+            Some(CancelReason::AppDown),
+            None,
+        ),
         Pump::BrokerCancelled => (
+            None,
             Some(CancelReason::Broker),
             Some(lost_or(
                 session,
                 "consumer cancelled by the broker (queue deleted or failed over?)",
             )),
         ),
-        Pump::Error(e) => (None, Some(lost_or(session, e))),
+        Pump::Error(e) => (None, None, Some(lost_or(session, e))),
     };
+    if let Some(why) = give_back {
+        intake::cancel(shared, queue, channel, consumer, tag, why).await;
+    }
     ConsumerStopped { queue, reason }.emit(&shared.metrics);
     exit
 }

@@ -18,7 +18,7 @@ use super::copies::{self, Failure, Origin};
 use super::{Ctx, InHand, Shared, emit_about, emit_healthy};
 use crate::policy::{self, DeadLetterReason, RetryReason};
 use crate::telemetry::events::{
-    CopyKind, DeadLettered, MessageAcked, MessageRequeued, RepublishFailed, RetryScheduled,
+    CopyKind, DeadLettered, Event, MessageAcked, MessageRequeued, RepublishFailed, RetryScheduled,
     ReturnReason, SettleFailed,
 };
 use crate::telemetry::trace::MessageTrace;
@@ -57,26 +57,15 @@ pub(super) async fn retry(
     let mut stamp = copies::retry_stamp(msg.attempt, failure);
     msg.trace.inject_amqp(&mut stamp);
     let props = copies::copy_properties(&msg.delivery.properties, stamp, Some(delay));
-    match publish(&ctx.publisher, &ctx.sub.spec.retry_queue, msg.body, props).await {
-        Ok(()) => {
-            emit_about(
-                Some(msg.trace),
-                RetryScheduled {
-                    queue: ctx.sub.queue(),
-                    reason,
-                    attempt: msg.attempt,
-                    delay,
-                    detail: failure.detail,
-                },
-                &ctx.shared.metrics,
-            );
-            ack(ctx, msg.delivery, msg.trace).await
-        }
-        Err(error) => {
-            not_confirmed(ctx, msg, CopyKind::Retry, &error).await;
-            false
-        }
-    }
+    let scheduled = RetryScheduled {
+        queue: ctx.sub.queue(),
+        reason,
+        attempt: msg.attempt,
+        delay,
+        detail: failure.detail,
+    };
+    let retry_queue = &ctx.sub.spec.retry_queue;
+    replace(ctx, msg, CopyKind::Retry, retry_queue, props, scheduled).await
 }
 
 /// Publishes a dead letter with the reasons, then acks the original. Returns whether the
@@ -97,23 +86,41 @@ pub(super) async fn dead_letter(
     msg.trace.inject_amqp(&mut stamp);
     let props = copies::copy_properties(&msg.delivery.properties, stamp, None);
     let dead_letter_queue = &ctx.sub.spec.dead_letter_queue;
-    match publish(&ctx.publisher, dead_letter_queue, msg.body, props).await {
+    let dead_lettered = DeadLettered {
+        queue,
+        reason,
+        attempt: msg.attempt,
+        dead_letter_queue,
+        detail: failure.detail,
+    };
+    replace(
+        ctx,
+        msg,
+        CopyKind::DeadLetter,
+        dead_letter_queue,
+        props,
+        dead_lettered,
+    )
+    .await
+}
+
+/// Publishes the copy (`props`) to `queue` in place of the original; once the broker confirmed
+/// it, emits `confirmed` and acks the original. Returns whether the original was acked.
+async fn replace(
+    ctx: &Ctx,
+    msg: &InHand<'_>,
+    what: CopyKind,
+    queue: &str,
+    props: BasicProperties,
+    confirmed: impl Event,
+) -> bool {
+    match publish(&ctx.publisher, queue, msg.body, props).await {
         Ok(()) => {
-            emit_about(
-                Some(msg.trace),
-                DeadLettered {
-                    queue,
-                    reason,
-                    attempt: msg.attempt,
-                    dead_letter_queue,
-                    detail: failure.detail,
-                },
-                &ctx.shared.metrics,
-            );
+            emit_about(Some(msg.trace), confirmed, &ctx.shared.metrics);
             ack(ctx, msg.delivery, msg.trace).await
         }
         Err(error) => {
-            not_confirmed(ctx, msg, CopyKind::DeadLetter, &error).await;
+            not_confirmed(ctx, msg, what, &error).await;
             false
         }
     }
@@ -143,14 +150,7 @@ async fn not_confirmed(ctx: &Ctx, msg: &InHand<'_>, what: CopyKind, error: &str)
         _ = shared.hard_stop.cancelled() => {}
         _ = shared.shutdown.cancelled() => {}
     }
-    give_back(
-        shared,
-        sub.queue(),
-        msg.delivery,
-        ReturnReason::CopyNotConfirmed,
-        Some(msg.trace),
-    )
-    .await;
+    hand_back(ctx, msg, ReturnReason::CopyNotConfirmed).await;
 }
 
 /// Publishes a copy (`body` with `props`) to `queue` through the default exchange, mandatory,
@@ -188,6 +188,19 @@ async fn publish(
             "no confirm within {CONFIRM_TIMEOUT:?} (is the connection blocked?)"
         )),
     }
+}
+
+/// Gives a message in a task's hands back to its queue. Returns `false`: it was not acked.
+pub(super) async fn hand_back(ctx: &Ctx, msg: &InHand<'_>, why: ReturnReason) -> bool {
+    give_back(
+        &ctx.shared,
+        ctx.sub.queue(),
+        msg.delivery,
+        why,
+        Some(msg.trace),
+    )
+    .await;
+    false
 }
 
 /// Returns a message to its queue untouched (`basic.nack` with requeue). `trace`: the
