@@ -1,10 +1,12 @@
 //! Reading a dead-letter queue without losing anything: `basic.get` without auto-ack, one message
 //! at a time, up to a budget fixed when the browse starts (so neither new dead letters nor the
 //! browse's own refreshed copies are read twice). What the caller keeps is held unacknowledged and
-//! given back in a single `basic.nack` (multiple, requeue) when the browse ends, or by the broker
-//! when the connection dies: one return per message per browse, and the broker puts returned
-//! messages back in their order. What the caller moves is acked only after the broker confirmed
-//! the copy ([`Browser::publish`], then [`Browser::remove`]).
+//! given back when the browse ends by closing the channel it was read on: one return per message
+//! per browse, the same return the broker makes when the process dies. Closing rather than
+//! `basic.nack` with requeue, because a quorum queue (3.10, measured) puts nacked messages at its
+//! back but a closed channel's messages back in their places; a classic queue keeps the order
+//! either way. What the caller moves is acked only after the broker confirmed the copy
+//! ([`Browser::publish`], then [`Browser::remove`]).
 //!
 //! A message whose return would bring it too close to the queue's delivery limit is not given
 //! back but refreshed (see [`super::limit`]).
@@ -12,9 +14,7 @@
 use std::time::Duration;
 
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
-};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation};
 
 use super::Failure;
@@ -34,8 +34,6 @@ pub struct Browser {
     queue: String,
     facts: QueueFacts,
     budget: u64,
-    /// Delivery tags grow, so the last one held names every held message for the final nack.
-    last_held: Option<u64>,
     pub fetched: u64,
     pub refreshed: u64,
 }
@@ -60,7 +58,6 @@ impl Browser {
             queue: queue.to_string(),
             facts,
             budget,
-            last_held: None,
             fetched: 0,
             refreshed: 0,
         })
@@ -90,7 +87,6 @@ impl Browser {
     pub async fn keep(&mut self, delivery: &Delivery) -> Result<(), Failure> {
         let count = int_header(delivery.properties.headers().as_ref(), DELIVERY_COUNT).unwrap_or(0);
         if !self.facts.at_risk(count) {
-            self.last_held = Some(delivery.delivery_tag);
             return Ok(());
         }
         let queue = self.queue.clone();
@@ -107,12 +103,9 @@ impl Browser {
                 self.refreshed += 1;
                 Ok(())
             }
-            Err(e) => {
-                self.last_held = Some(delivery.delivery_tag);
-                Err(Failure::Unavailable(format!(
-                    "a dead letter near the delivery limit could not be refreshed: {e}"
-                )))
-            }
+            Err(e) => Err(Failure::Unavailable(format!(
+                "a dead letter near the delivery limit could not be refreshed: {e}"
+            ))),
         }
     }
 
@@ -163,27 +156,14 @@ impl Browser {
         }
     }
 
-    /// Gives back everything held, one return each, and closes the channels.
+    /// Gives back everything held, one return each, by closing the channels.
     pub async fn finish(self) -> Result<(), Failure> {
         let mut result = Ok(());
-        if let Some(tag) = self.last_held
-            && self.channel.status().connected()
-        {
-            result = self
-                .channel
-                .basic_nack(
-                    tag,
-                    BasicNackOptions {
-                        multiple: true,
-                        requeue: true,
-                    },
-                )
-                .await
-                .map_err(lost);
-        }
         for channel in [&self.channel, &self.publisher] {
-            if channel.status().connected() {
-                let _ = channel.close(200, "browse done".into()).await;
+            if channel.status().connected()
+                && let Err(e) = channel.close(200, "browse done".into()).await
+            {
+                result = Err(lost(e));
             }
         }
         result
