@@ -90,13 +90,13 @@ impl Summary {
                     .collect(),
             })
             .collect();
-        reasons.sort_by(|a, b| b.count.cmp(&a.count));
+        reasons.sort_by_key(|g| std::cmp::Reverse(g.count));
         let mut origins: Vec<OriginCount> = self
             .origins
             .into_iter()
             .map(|(queue, count)| OriginCount { queue, count })
             .collect();
-        origins.sort_by(|a, b| b.count.cmp(&a.count));
+        origins.sort_by_key(|o| std::cmp::Reverse(o.count));
         let mut warnings = Vec::new();
         if consumers > 0 {
             warnings.push(format!(

@@ -66,9 +66,9 @@ impl Session {
         }
         match declared {
             Ok(q) => Ok((q.message_count(), q.consumer_count())),
-            Err(e) if is_not_found(&e) => {
-                Err(Failure::Unavailable(format!("{what} {queue:?} does not exist")))
-            }
+            Err(e) if is_not_found(&e) => Err(Failure::Unavailable(format!(
+                "{what} {queue:?} does not exist"
+            ))),
             Err(e) if self.connection.status().connected() => Err(Failure::Unavailable(format!(
                 "{what} {queue:?} cannot be used: {e}"
             ))),
