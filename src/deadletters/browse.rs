@@ -125,35 +125,53 @@ impl Browser {
         body: &[u8],
         props: BasicProperties,
     ) -> Result<(), String> {
-        let publish = async {
-            self.publisher
-                .basic_publish(
-                    "".into(),
-                    queue.into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    body,
-                    props,
-                )
-                .await?
-                .await
+        self.send(queue, body, props).await?.await
+    }
+
+    /// Publishes a copy like [`Browser::publish`] and returns without waiting for the confirm:
+    /// the returned future is the broker's answer.
+    pub async fn send(
+        &self,
+        queue: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<impl Future<Output = Result<(), String>> + Send + 'static, String> {
+        let sent = tokio::time::timeout(
+            CONFIRM_TIMEOUT,
+            self.publisher.basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                props,
+            ),
+        )
+        .await;
+        let confirm = match sent {
+            Ok(Ok(confirm)) => confirm,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err(format!("could not publish within {CONFIRM_TIMEOUT:?}")),
         };
-        match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
-            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(format!(
-                "queue {queue:?} does not exist: the copy was returned"
-            )),
-            Ok(Ok(Confirmation::Nack(_))) => {
-                Err(format!("the broker refused the copy to {queue:?} (nack)"))
+        let queue = queue.to_string();
+        Ok(async move {
+            match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+                Ok(Ok(Confirmation::Ack(Some(_)))) => Err(format!(
+                    "queue {queue:?} does not exist: the copy was returned"
+                )),
+                Ok(Ok(Confirmation::Nack(_))) => {
+                    Err(format!("the broker refused the copy to {queue:?} (nack)"))
+                }
+                Ok(Ok(Confirmation::NotRequested)) => Err("publisher confirms are off".into()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!(
+                    "no confirm within {CONFIRM_TIMEOUT:?} (is the connection blocked?)"
+                )),
             }
-            Ok(Ok(Confirmation::NotRequested)) => Err("publisher confirms are off".into()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!(
-                "no confirm within {CONFIRM_TIMEOUT:?} (is the connection blocked?)"
-            )),
-        }
+        })
     }
 
     /// Gives back everything held, one return each, by closing the channels.
