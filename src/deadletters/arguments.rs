@@ -35,8 +35,10 @@ pub const SHARED_KEYS: &[&str] = &[
     "management-url",
 ];
 
-/// Most messages `list` reads by default.
-pub const DEFAULT_MAX_SCAN: u64 = 100_000;
+/// Most messages `list` reads by default: about 40 s on a quorum queue, where each `basic.get`
+/// is a Raft command (3.7 ms measured on 3.10), and 7 s on a classic one. The total is exact
+/// whatever this says (a passive declare); the counts by reason cover the messages read.
+pub const DEFAULT_MAX_SCAN: u64 = 10_000;
 
 /// What `replay` moves per second by default: gentle next to what a healthy app handles, so a
 /// replay adds little to the load of an app that has just recovered.
