@@ -90,9 +90,17 @@ pub fn command() -> Command {
                 "The queue whose dead letters to work on (its dead-letter queue is --dead-letter-queue) [env: {}]",
                 env_name("queue")
             )),
+            "management-url" => arg.help(format!(
+                "RabbitMQ management API base URL (http://user:pass@host:15672), to learn the dead-letter queue's type and delivery limit [env: {}]",
+                env_name("management-url")
+            )),
             _ => arg,
         });
     }
+    let shared: Vec<Arg> = shared
+        .into_iter()
+        .map(|a| a.help_heading("Queue and connection (as for the consumer)"))
+        .collect();
     let json = Arg::new("json")
         .long("json")
         .action(ArgAction::SetTrue)
@@ -300,6 +308,12 @@ pub fn target(
                 .map(|s| s.dead_letter_queue.clone())
         })
         .unwrap_or_else(|| format!("{queue}.dead-letter"));
+    if dead_letter_queue == queue {
+        return Err(ConfigError {
+            key: "--dead-letter-queue".into(),
+            problem: format!("{queue:?} is the queue itself"),
+        });
+    }
     Ok(Target {
         config,
         queue,
@@ -483,5 +497,11 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.key, "--dead-letter-queue");
+        let e = target(
+            flags(&[("queue", "q"), ("dead-letter-queue", "q")]),
+            &env(&[]),
+        )
+        .unwrap_err();
+        assert!(e.problem.contains("the queue itself"), "{e}");
     }
 }
