@@ -1,38 +1,38 @@
-//! The command line of `rabbit-sidecar dead-letters list|replay|purge`, and which queue it is
+//! The arguments of `rabbit-sidecar dead-letters list|replay|purge`, and which queue they are
 //! about.
 //!
-//! The connection flags are the consumer's own ([`cli::command`]'s arguments for the keys in
-//! [`SHARED_KEYS`], same names, help and environment variables), and the values go through the
-//! consumer's [`Layers`]: flag > `RABBIT_SIDECAR_*` > `--config` file > default, validated by the
-//! same code. So the tooling run in the sidecar's own container needs no flags at all: the
-//! environment that names the queue, the nodes and the credentials for the sidecar names them for
-//! the tooling too. With several `[[subscription]]` entries in the file, `--queue` picks one (and
-//! with it that entry's `dead-letter-queue`).
+//! The connection flags are the consumer's own ([`cli::flag`] of the keys in [`SHARED_KEYS`]:
+//! same names, help and environment variables), and the values go through the consumer's
+//! [`Layers`]: flag > `RABBIT_SIDECAR_*` > `--config` file > default, validated by the same code.
+//! So the tooling run in the sidecar's own container needs no flags at all: the environment that
+//! names the queue, the nodes and the credentials for the sidecar names them for the tooling too.
+//! With several `[[subscription]]` entries in the file, `--queue` picks one (and with it that
+//! entry's `dead-letter-queue`).
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
 use std::str::FromStr;
 
 use clap::{Arg, ArgAction, ArgMatches, Command};
 
-use crate::cli::{self, Mode};
-use crate::config::{Config, ConfigError, EnvSource, Layers, env_name};
+use crate::cli;
+use crate::config::keys::{self, Key};
+use crate::config::{Config, ConfigError, EnvSource, Layers};
 
 use super::letter::is_known_reason;
 use super::replay::Rate;
 
 /// The consumer's keys that the tooling takes as flags. Every other key may still come from the
 /// environment or the file, as for the consumer.
-pub const SHARED_KEYS: &[&str] = &[
-    "amqp-url",
-    "queue",
-    "dead-letter-queue",
-    "tls-ca-file",
-    "tls-cert-file",
-    "tls-key-file",
-    "heartbeat",
-    "connect-timeout",
-    "management-url",
+pub const SHARED_KEYS: [&Key; 9] = [
+    &keys::AMQP_URL,
+    &keys::QUEUE,
+    &keys::DEAD_LETTER_QUEUE,
+    &keys::TLS_CA_FILE,
+    &keys::TLS_CERT_FILE,
+    &keys::TLS_KEY_FILE,
+    &keys::HEARTBEAT,
+    &keys::CONNECT_TIMEOUT,
+    &keys::MANAGEMENT_URL,
 ];
 
 /// Most messages `list` reads by default: about 40 s on a quorum queue, where each `basic.get`
@@ -70,44 +70,34 @@ pub struct Invocation {
     pub flags: BTreeMap<String, String>,
 }
 
+/// `dead-letters` and its subcommands, a subcommand of [`cli::command`].
 pub fn command() -> Command {
-    let consumer = cli::command(Mode::Check);
-    let mut shared: Vec<Arg> = vec![
-        consumer
-            .get_arguments()
-            .find(|a| a.get_id() == "config")
-            .expect("the consumer has --config")
-            .clone(),
-    ];
-    for key in SHARED_KEYS {
-        let arg = consumer
-            .get_arguments()
-            .find(|a| a.get_id() == *key)
-            .unwrap_or_else(|| panic!("the consumer has --{key}"))
-            .clone();
-        shared.push(match *key {
-            "queue" => arg.help(format!(
-                "The queue whose dead letters to work on (its dead-letter queue is --dead-letter-queue) [env: {}]",
-                env_name("queue")
-            )),
-            "management-url" => arg.help(format!(
-                "RabbitMQ management API base URL (http://user:pass@host:15672), to learn the dead-letter queue's type and delivery limit [env: {}]",
-                env_name("management-url")
-            )),
-            _ => arg,
-        });
-    }
-    let shared: Vec<Arg> = shared
-        .into_iter()
-        .map(|a| a.help_heading("Queue and connection (as for the consumer)"))
+    let shared: Vec<Arg> = std::iter::once(&keys::CONFIG)
+        .chain(SHARED_KEYS)
+        .map(|key| {
+            let arg = cli::flag(key);
+            let arg = if key.name == keys::QUEUE.name {
+                arg.help(format!(
+                    "The queue whose dead letters to work on (its dead-letter queue is --dead-letter-queue) [env: {}]",
+                    key.env()
+                ))
+            } else if key.name == keys::MANAGEMENT_URL.name {
+                arg.help(format!(
+                    "RabbitMQ management API base URL (http://user:pass@host:15672), to learn the dead-letter queue's type and delivery limit [env: {}]",
+                    key.env()
+                ))
+            } else {
+                arg
+            };
+            arg.help_heading("Queue and connection (as for the consumer)")
+        })
         .collect();
     let json = Arg::new("json")
         .long("json")
         .action(ArgAction::SetTrue)
         .help("Print the report as JSON (the shape is in the README)");
     let with_shared = |cmd: Command| shared.iter().cloned().fold(cmd, Command::arg);
-    Command::new("rabbit-sidecar dead-letters")
-        .version(env!("CARGO_PKG_VERSION"))
+    Command::new("dead-letters")
         .about("List, replay or purge the dead letters of a queue. Connection flags, environment and config file as for the consumer.")
         .subcommand_required(true)
         .arg_required_else_help(true)
@@ -168,11 +158,9 @@ pub fn command() -> Command {
         ))
 }
 
-/// Parses the words after `dead-letters`. Errors are clap's (which name the flag) or name the
-/// flag and the problem; help and version come back as clap errors too, for the caller to print.
-pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocation, clap::Error> {
-    let argv = std::iter::once(OsString::from("rabbit-sidecar dead-letters")).chain(args);
-    let matches = command().try_get_matches_from(argv)?;
+/// Reads what clap matched for `dead-letters`. Errors name the flag and the problem, the way
+/// clap's own do.
+pub fn from_matches(matches: &ArgMatches) -> Result<Invocation, clap::Error> {
     let (name, sub) = matches.subcommand().expect("a subcommand is required");
     let json = sub.get_flag("json");
     let number = |flag: &str| -> Result<Option<u64>, clap::Error> {
@@ -243,10 +231,10 @@ fn invalid(flag: &str, problem: String) -> clap::Error {
 
 fn shared_flags(matches: &ArgMatches) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    for id in std::iter::once("config").chain(SHARED_KEYS.iter().copied()) {
-        if let Some(values) = matches.get_many::<String>(id) {
+    for key in std::iter::once(&keys::CONFIG).chain(SHARED_KEYS) {
+        if let Some(values) = matches.get_many::<String>(key.name) {
             let values: Vec<&str> = values.map(String::as_str).collect();
-            out.insert(id.to_string(), values.join(","));
+            out.insert(key.name.to_string(), values.join(","));
         }
     }
     out
@@ -267,9 +255,12 @@ pub fn target(
     mut flags: BTreeMap<String, String>,
     env: &dyn EnvSource,
 ) -> Result<Target, ConfigError> {
-    let queue_flag = flags.remove("queue");
-    let dlq_flag = flags.remove("dead-letter-queue");
-    for (key, value) in [("queue", &queue_flag), ("dead-letter-queue", &dlq_flag)] {
+    let queue_flag = flags.remove(keys::QUEUE.name);
+    let dlq_flag = flags.remove(keys::DEAD_LETTER_QUEUE.name);
+    for (key, value) in [
+        (keys::QUEUE.name, &queue_flag),
+        (keys::DEAD_LETTER_QUEUE.name, &dlq_flag),
+    ] {
         if let Some(v) = value {
             check_name(key, v)?;
         }
@@ -280,7 +271,10 @@ pub fn target(
         Ok(config) => config,
         Err(e) if is_missing_queue(&e) && queue_flag.is_some() => {
             let mut with_queue = flags;
-            with_queue.insert("queue".into(), queue_flag.clone().unwrap_or_default());
+            with_queue.insert(
+                keys::QUEUE.name.into(),
+                queue_flag.clone().unwrap_or_default(),
+            );
             Layers::collect(with_queue, env)?.build()?
         }
         Err(e) => return Err(e),
@@ -349,14 +343,18 @@ mod tests {
     use std::collections::HashMap;
 
     fn parse_words(words: &[&str]) -> Result<Invocation, clap::Error> {
-        parse(words.iter().map(OsString::from))
+        let matches =
+            command().try_get_matches_from(std::iter::once(&"dead-letters").chain(words))?;
+        from_matches(&matches)
     }
 
-    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
+    /// An environment of `pairs`, as the consumer's tests feed one.
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+            .collect();
+        move |name: &str| map.get(name).cloned()
     }
 
     #[test]

@@ -12,6 +12,7 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
 use crate::headers::{self, int_header, scalar_text};
+use crate::pipeline::copies::copy_properties;
 use crate::policy::DeadLetterReason;
 
 /// Who dead-lettered a message.
@@ -146,6 +147,8 @@ pub fn refresh_properties(props: &BasicProperties) -> BasicProperties {
     without(props, [headers::DELIVERY_COUNT].iter())
 }
 
+/// A copy of a message with `props`, less the headers `names`, built as the consumer builds its
+/// copies (persistent, no expiration, no `x-delivery-count`).
 fn without<'a>(
     props: &BasicProperties,
     names: impl Iterator<Item = &'a &'a str>,
@@ -158,9 +161,8 @@ fn without<'a>(
     for name in names {
         fields.remove(&ShortString::from(*name));
     }
-    crate::consumer::strip_expiration(props.clone())
-        .with_headers(FieldTable::from(fields))
-        .with_delivery_mode(2)
+    let original = props.clone().with_headers(FieldTable::from(fields));
+    copy_properties(&original, FieldTable::default(), None)
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@
 
 use serde_json::Value;
 
-use crate::management::Management;
+use crate::broker::management::Management;
 
 /// Returns a message must have left after the one a browse makes.
 pub const SPARE_RETURNS: u64 = 1;
@@ -149,18 +149,6 @@ impl QueueFacts {
         match self.limit {
             Some(limit) => count + 1 + SPARE_RETURNS > limit,
             None => false,
-        }
-    }
-
-    /// The limit in words, for the human report.
-    pub fn describe(&self) -> String {
-        let kind = self.queue_type.as_deref().unwrap_or("queue type unknown");
-        match (self.limit, self.source) {
-            (None, _) => format!("{kind}, no delivery limit"),
-            (Some(l), LimitSource::Management) => format!("{kind}, delivery limit {l}"),
-            (Some(l), LimitSource::Assumed) => format!(
-                "{kind}, delivery limit assumed to be {l} (RabbitMQ 4's default; give --management-url to know)"
-            ),
         }
     }
 }

@@ -192,7 +192,6 @@ async fn list(session: &Session, target: &Target, max_scan: u64) -> Result<ListR
 mod tests {
     use super::*;
     use crate::config::Layers;
-    use std::collections::HashMap;
 
     fn letter(source: Source, reason: &str, time: Option<u64>, id: &str) -> DeadLetter {
         DeadLetter {
@@ -224,7 +223,7 @@ mod tests {
         let mut flags = std::collections::BTreeMap::new();
         flags.insert("queue".to_string(), "orders".to_string());
         let target = Target {
-            config: Layers::collect(flags, &HashMap::<String, String>::new())
+            config: Layers::collect(flags, &|_: &str| None)
                 .unwrap()
                 .build()
                 .unwrap(),

@@ -18,23 +18,23 @@
 //! (what was moved before stays moved and is printed); 130 `replay` interrupted by SIGINT or
 //! SIGTERM (it stops between messages and prints what it moved).
 
-pub mod arguments;
-pub mod browse;
-pub mod letter;
-pub mod limit;
-pub mod list;
-pub mod purge;
-pub mod replay;
-pub mod report;
-pub mod session;
+pub(crate) mod arguments;
+mod browse;
+mod letter;
+mod limit;
+mod list;
+mod purge;
+mod replay;
+mod report;
+mod session;
 
-use std::ffi::OsString;
 use std::process::ExitCode;
 
 use tokio_util::sync::CancellationToken;
 
-pub use arguments::Target;
-use arguments::{Action, Invocation};
+use arguments::Action;
+pub use arguments::Invocation;
+use arguments::Target;
 use report::Report;
 
 use crate::config::ProcessEnv;
@@ -79,19 +79,9 @@ impl Outcome {
     }
 }
 
-/// Runs `dead-letters`; `args` are the words after it.
-pub async fn cli_main(args: Vec<OsString>) -> ExitCode {
-    let Invocation { action, flags } = match arguments::parse(args) {
-        Ok(i) => i,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(EX_USAGE)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
-    };
+/// Runs `dead-letters` as parsed by [`crate::cli`].
+pub async fn main(invocation: Invocation) -> ExitCode {
+    let Invocation { action, flags } = invocation;
     let target = match arguments::target(flags, &ProcessEnv) {
         Ok(t) => t,
         Err(e) => {
@@ -109,7 +99,9 @@ pub async fn cli_main(args: Vec<OsString>) -> ExitCode {
             rate,
         } => {
             let stop = CancellationToken::new();
-            let signals = tokio::spawn(stop_on_signal(stop.clone()));
+            // Without handlers a signal would still lose nothing (the broker gives back what the
+            // process held), but the report of what moved would be lost with it.
+            let signals = crate::signals::cancel_on_terminate(stop.clone()).ok();
             let options = replay::ReplayOptions {
                 reasons,
                 limit,
@@ -117,7 +109,9 @@ pub async fn cli_main(args: Vec<OsString>) -> ExitCode {
                 rate,
             };
             let outcome = replay::run(&target, &options, &stop).await;
-            signals.abort();
+            if let Some(s) = signals {
+                s.abort();
+            }
             (outcome, json)
         }
         Action::Purge { json, yes } => (purge::run(&target, yes).await, json),
@@ -141,18 +135,62 @@ pub async fn cli_main(args: Vec<OsString>) -> ExitCode {
     }
 }
 
-/// Cancels `stop` on SIGINT or SIGTERM, so that a replay ends between two messages and reports.
-async fn stop_on_signal(stop: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    const README: &str = include_str!("../../README.md");
+
+    /// The README is the user's contract: a flag or a JSON field without its mention in the
+    /// dead-letters section fails here.
+    #[test]
+    fn every_flag_and_json_field_is_in_the_readme() {
+        let start = README
+            .find("## Dead letters: list, replay, purge")
+            .expect("the README has the dead-letters section");
+        let section = &README[start..];
+        for sub in arguments::command().get_subcommands() {
+            for arg in sub.get_arguments() {
+                if let Some(long) = arg.get_long() {
+                    let flag = format!("--{long}");
+                    assert!(
+                        section.contains(&flag) || README.contains(&format!("| `{flag}` |")),
+                        "README lacks {flag} of dead-letters {}",
+                        sub.get_name()
+                    );
+                }
+            }
+        }
+        let flags: BTreeMap<String, String> = [("queue".to_string(), "q".to_string())].into();
+        let config = crate::config::Layers::collect(flags, &|_: &str| None)
+            .unwrap()
+            .build()
+            .unwrap();
+        let target = Target {
+            config,
+            queue: "q".into(),
+            dead_letter_queue: "q.dead-letter".into(),
+        };
+        let list = list::Summary::default().report(&target, 0, 0, &limit::QueueFacts::assumed());
+        let replay = report::ReplayReport::default();
+        let purge = report::PurgeReport {
+            dead_letter_queue: String::new(),
+            purged: 0,
+        };
+        for (what, json) in [
+            ("list", serde_json::to_value(&list).unwrap()),
+            ("replay", serde_json::to_value(&replay).unwrap()),
+            ("purge", serde_json::to_value(&purge).unwrap()),
+        ] {
+            for key in json.as_object().unwrap().keys() {
+                assert!(
+                    section.contains(&format!("`{key}`"))
+                        || section.contains(&format!("`{key}[]`"))
+                        || section.contains(&format!("\"{key}\"")),
+                    "README's dead-letters section lacks the {what} JSON field {key}"
+                );
+            }
+        }
     }
-    stop.cancel();
 }

@@ -1,21 +1,16 @@
 //! The connection the tooling works on: the consumer's own [`broker::connect`] tried on each
-//! configured node in turn (the first that answers wins), and passive declares that say whether a
-//! queue exists and how many messages are ready in it.
+//! configured node in turn (the first that answers wins), and the consumer's passive declare
+//! ([`topology::inspect`]): whether a queue exists and how many messages are ready in it.
 
 use lapin::Connection;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 
 use super::Failure;
-use crate::broker;
+use crate::broker::{self, management::Management, topology};
 use crate::config::Config;
-use crate::management::Management;
 
-/// A connection and what is needed to describe it.
+/// A connection, and the management API beside it.
 pub struct Session {
     pub connection: Connection,
-    /// `host:port` of the node, never credentials.
-    pub node: String,
     /// The management API for the connection's virtual host, when `--management-url` is set.
     pub management: Option<Management>,
 }
@@ -34,7 +29,6 @@ impl Session {
                         .map(|u| Management::new(u.0.clone()).with_vhost(&node.uri.vhost));
                     return Ok(Session {
                         connection,
-                        node: node.to_string(),
                         management,
                     });
                 }
@@ -48,24 +42,11 @@ impl Session {
         )))
     }
 
-    /// Ready messages and consumers of `queue`; 69 when it does not exist.
+    /// Ready messages and consumers of `queue` (the consumer's passive declare); 69 when it
+    /// does not exist.
     pub async fn queue(&self, queue: &str, what: &str) -> Result<(u32, u32), Failure> {
-        let channel = self.connection.create_channel().await.map_err(lost)?;
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        if channel.status().connected() {
-            let _ = channel.close(200, "inspected".into()).await;
-        }
-        match declared {
-            Ok(q) => Ok((q.message_count(), q.consumer_count())),
+        match topology::inspect(&self.connection, queue).await {
+            Ok(counts) => Ok(counts),
             Err(e) if is_not_found(&e) => Err(Failure::Unavailable(format!(
                 "{what} {queue:?} does not exist"
             ))),
