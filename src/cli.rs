@@ -3,6 +3,8 @@
 //! - `rabbit-sidecar [run] [FLAGS]`: consume (the default when no subcommand is named);
 //! - `rabbit-sidecar check [FLAGS]`: validate configuration, broker, queue and app;
 //! - `rabbit-sidecar healthcheck [--url URL]`: probe `/healthz`;
+//! - `rabbit-sidecar dead-letters list|replay|purge ...`: the way back from the dead-letter queue
+//!   (its arguments are in [`crate::deadletters::arguments`]);
 //! - `rabbit-sidecar remediate ...`: the Alertmanager webhook receiver.
 //!
 //! The flags of `run` and `check` are built from the [key table](crate::config::keys), so flags,
@@ -14,7 +16,7 @@ use std::ffi::OsString;
 use clap::{Arg, ArgAction, ArgMatches, Args as _, Command, FromArgMatches as _};
 
 use crate::config::keys::{self, Key, Kind};
-use crate::remediate;
+use crate::{deadletters, remediate};
 
 /// What the process was asked to do.
 #[derive(Debug)]
@@ -27,6 +29,7 @@ pub enum Invocation {
     Healthcheck {
         url: Option<String>,
     },
+    DeadLetters(deadletters::arguments::Invocation),
     Remediate(remediate::Args),
 }
 
@@ -51,6 +54,7 @@ pub fn command() -> Command {
                     keys::LISTEN.env()
                 ))),
         )
+        .subcommand(deadletters::arguments::command())
         .subcommand(remediate::Args::augment_args(
             Command::new("remediate")
                 .about("Alertmanager webhook receiver that restarts what a firing alert names"),
@@ -66,7 +70,8 @@ fn with_keys(cmd: Command) -> Command {
     cmd
 }
 
-fn flag(key: &Key) -> Arg {
+/// The flag of `key`, as `run` and `check` have it (the dead-letter tooling takes some too).
+pub(crate) fn flag(key: &Key) -> Arg {
     let mut help = format!("{} [env: {}]", key.help, key.env());
     if let Some(d) = key.default_doc() {
         help.push_str(&format!(" [default: {d}]"));
@@ -100,6 +105,9 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocation, cla
         Some(("healthcheck", m)) => Invocation::Healthcheck {
             url: m.get_one::<String>("url").cloned(),
         },
+        Some(("dead-letters", m)) => {
+            Invocation::DeadLetters(deadletters::arguments::from_matches(m)?)
+        }
         Some(("remediate", m)) => Invocation::Remediate(remediate::Args::from_arg_matches(m)?),
         Some((other, _)) => unreachable!("clap knows no subcommand {other:?}"),
     })

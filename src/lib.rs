@@ -16,7 +16,7 @@
 //!   logs and counts.
 //! - `admin`: `/metrics`, `/healthz`, `/readyz`, `/status` on a thread of their own, and the
 //!   shared health state behind them.
-//! - [`check`], [`remediate`]: the other subcommands.
+//! - [`check`], [`deadletters`], [`remediate`]: the other subcommands.
 //!
 //! Data flows one way: broker → pipeline → app → policy → settle. Telemetry and health are
 //! leaves every stage may use. [`run()`] wires the parts; the binary only parses configuration
@@ -29,6 +29,7 @@ mod broker;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod deadletters;
 mod encode;
 mod env;
 mod headers;

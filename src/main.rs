@@ -5,9 +5,10 @@
 //! | 0    | done (after SIGTERM/SIGINT, for `run`) |
 //! | 1    | `healthcheck`: not healthy; otherwise a failure while running |
 //! | 64   | bad flags, variables or configuration file (`EX_USAGE`) |
-//! | 69   | `check`: the broker, the queue or the app is unavailable (`EX_UNAVAILABLE`) |
+//! | 69   | `check`: the broker, the queue or the app is unavailable; `dead-letters`: no broker node, or the dead-letter queue or the destination cannot be used (`EX_UNAVAILABLE`) |
 //! | 71   | the admin server's address cannot be bound (`EX_OSERR`) |
 //! | 78   | the broker holds declarations that conflict with the configuration, or the OpenTelemetry settings are unusable (`EX_CONFIG`) |
+//! | 130  | `dead-letters replay` interrupted by SIGINT or SIGTERM (it stops between two messages) |
 
 use std::process::ExitCode;
 
@@ -44,6 +45,7 @@ async fn main() -> ExitCode {
             Err(code) => code,
         },
         Invocation::Healthcheck { url } => healthcheck(url).await,
+        Invocation::DeadLetters(invocation) => rabbit_sidecar::deadletters::main(invocation).await,
         Invocation::Remediate(args) => {
             let format = ProcessEnv
                 .var(&keys::LOG_FORMAT.env())

@@ -1,5 +1,6 @@
-//! The RabbitMQ management API, asked one question: is this consumer tag the queue's active
-//! consumer? (`consumer_details[].active` of `GET /api/queues/{vhost}/{queue}`.) Credentials come
+//! The RabbitMQ management API: is this consumer tag the queue's active consumer?
+//! (`consumer_details[].active` of `GET /api/queues/{vhost}/{queue}`), and what a queue and the
+//! broker are (type, arguments, policy, version) for the dead-letter tooling. Credentials come
 //! from the URL's user info and are sent as basic auth; they never appear in logs.
 
 use std::time::Duration;
@@ -44,15 +45,42 @@ impl Management {
         }
     }
 
+    /// The same API, asked about the virtual host `vhost` (the default is `/`).
+    pub fn with_vhost(mut self, vhost: &str) -> Management {
+        self.vhost = path_segment(vhost);
+        self
+    }
+
     /// Whether `tag` is the active consumer of `queue`; `None` when the API cannot tell.
     pub async fn consumer_active(&self, queue: &str, tag: &str) -> Option<bool> {
-        let url = format!(
-            "{}/api/queues/{}/{}",
-            self.base,
+        self.queue(queue)
+            .await?
+            .get("consumer_details")?
+            .as_array()?
+            .iter()
+            .find(|c| c.get("consumer_tag").and_then(|t| t.as_str()) == Some(tag))
+            .and_then(|c| c.get("active").and_then(|a| a.as_bool()))
+    }
+
+    /// `GET /api/queues/{vhost}/{queue}`; `None` when the API cannot answer.
+    pub async fn queue(&self, queue: &str) -> Option<serde_json::Value> {
+        self.get(&format!(
+            "/api/queues/{}/{}",
             self.vhost,
             path_segment(queue)
-        );
-        let mut req = Request::get(url).body(Empty::new()).ok()?;
+        ))
+        .await
+    }
+
+    /// `GET /api/overview` (among others, `rabbitmq_version`); `None` when the API cannot answer.
+    pub async fn overview(&self) -> Option<serde_json::Value> {
+        self.get("/api/overview").await
+    }
+
+    async fn get(&self, path: &str) -> Option<serde_json::Value> {
+        let mut req = Request::get(format!("{}{path}", self.base))
+            .body(Empty::new())
+            .ok()?;
         if let Some(auth) = &self.authorization {
             req.headers_mut()
                 .insert(hyper::header::AUTHORIZATION, auth.parse().ok()?);
@@ -69,11 +97,6 @@ impl Management {
             .await
             .ok()?
             .to_bytes();
-        let doc: serde_json::Value = serde_json::from_slice(&body).ok()?;
-        doc.get("consumer_details")?
-            .as_array()?
-            .iter()
-            .find(|c| c.get("consumer_tag").and_then(|t| t.as_str()) == Some(tag))
-            .and_then(|c| c.get("active").and_then(|a| a.as_bool()))
+        serde_json::from_slice(&body).ok()
     }
 }

@@ -20,7 +20,7 @@
 //! A waiting retry is always durable in the broker, never only in this process's memory, and
 //! takes no prefetch slot.
 
-mod copies;
+pub(crate) mod copies;
 mod handle;
 mod intake;
 mod session;

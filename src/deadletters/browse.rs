@@ -1,0 +1,189 @@
+//! Reading a dead-letter queue without losing anything: `basic.get` without auto-ack, one message
+//! at a time, up to a budget fixed when the browse starts (so neither new dead letters nor the
+//! browse's own refreshed copies are read twice). What the caller keeps is held unacknowledged and
+//! given back when the browse ends by closing the channel it was read on: one return per message
+//! per browse, the same return the broker makes when the process dies. Closing rather than
+//! `basic.nack` with requeue, because a quorum queue (3.10, measured) puts nacked messages at its
+//! back but a closed channel's messages back in their places; a classic queue keeps the order
+//! either way. What the caller moves is acked only after the broker confirmed the copy
+//! ([`Browser::publish`], then [`Browser::remove`]).
+//!
+//! A message whose return would bring it too close to the queue's delivery limit is not given
+//! back but refreshed (see [`super::limit`]).
+
+use std::time::Duration;
+
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Confirmation};
+
+use super::Failure;
+use super::letter::refresh_properties;
+use super::limit::QueueFacts;
+use super::session::{Session, lost};
+use crate::headers::{DELIVERY_COUNT, int_header};
+
+/// How long a copy may wait for the broker's confirm (a blocked connection waits here).
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Browser {
+    /// The channel messages are read on; what it holds goes back to the queue when it closes.
+    channel: Channel,
+    /// Publisher confirms: refreshed and replayed copies.
+    publisher: Channel,
+    queue: String,
+    facts: QueueFacts,
+    budget: u64,
+    pub fetched: u64,
+    pub refreshed: u64,
+}
+
+impl Browser {
+    /// Starts a browse of `queue` that reads at most `budget` messages.
+    pub async fn open(
+        session: &Session,
+        queue: &str,
+        facts: QueueFacts,
+        budget: u64,
+    ) -> Result<Browser, Failure> {
+        let channel = session.connection.create_channel().await.map_err(lost)?;
+        let publisher = session.connection.create_channel().await.map_err(lost)?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(lost)?;
+        Ok(Browser {
+            channel,
+            publisher,
+            queue: queue.to_string(),
+            facts,
+            budget,
+            fetched: 0,
+            refreshed: 0,
+        })
+    }
+
+    /// The next message; `None` once the budget is spent or the queue has no more ready.
+    pub async fn next(&mut self) -> Result<Option<Delivery>, Failure> {
+        if self.fetched >= self.budget {
+            return Ok(None);
+        }
+        let got = self
+            .channel
+            .basic_get(
+                self.queue.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await
+            .map_err(lost)?;
+        Ok(got.map(|m| {
+            self.fetched += 1;
+            m.delivery
+        }))
+    }
+
+    /// Leaves `delivery` in the queue: held and given back when the browse ends, or refreshed
+    /// when that return would leave it too close to the delivery limit.
+    pub async fn keep(&mut self, delivery: &Delivery) -> Result<(), Failure> {
+        let count = int_header(delivery.properties.headers().as_ref(), DELIVERY_COUNT).unwrap_or(0);
+        if !self.facts.at_risk(count) {
+            return Ok(());
+        }
+        let queue = self.queue.clone();
+        match self
+            .publish(
+                &queue,
+                &delivery.data,
+                refresh_properties(&delivery.properties),
+            )
+            .await
+        {
+            Ok(()) => {
+                self.remove(delivery).await?;
+                self.refreshed += 1;
+                Ok(())
+            }
+            Err(e) => Err(Failure::Unavailable(format!(
+                "a dead letter near the delivery limit could not be refreshed: {e}"
+            ))),
+        }
+    }
+
+    /// Removes `delivery` from the queue for good. Only after its copy was confirmed.
+    pub async fn remove(&self, delivery: &Delivery) -> Result<(), Failure> {
+        self.channel
+            .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+            .await
+            .map_err(lost)
+    }
+
+    /// Publishes a copy to `queue` through the default exchange (mandatory, so a missing queue
+    /// is an error rather than a silent drop) and waits for the broker's confirm.
+    pub async fn publish(
+        &self,
+        queue: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<(), String> {
+        self.send(queue, body, props).await?.await
+    }
+
+    /// Publishes a copy like [`Browser::publish`] and returns without waiting for the confirm:
+    /// the returned future is the broker's answer.
+    pub async fn send(
+        &self,
+        queue: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<impl Future<Output = Result<(), String>> + Send + 'static, String> {
+        let sent = tokio::time::timeout(
+            CONFIRM_TIMEOUT,
+            self.publisher.basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                props,
+            ),
+        )
+        .await;
+        let confirm = match sent {
+            Ok(Ok(confirm)) => confirm,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err(format!("could not publish within {CONFIRM_TIMEOUT:?}")),
+        };
+        let queue = queue.to_string();
+        Ok(async move {
+            match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+                Ok(Ok(Confirmation::Ack(Some(_)))) => Err(format!(
+                    "queue {queue:?} does not exist: the copy was returned"
+                )),
+                Ok(Ok(Confirmation::Nack(_))) => {
+                    Err(format!("the broker refused the copy to {queue:?} (nack)"))
+                }
+                Ok(Ok(Confirmation::NotRequested)) => Err("publisher confirms are off".into()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!(
+                    "no confirm within {CONFIRM_TIMEOUT:?} (is the connection blocked?)"
+                )),
+            }
+        })
+    }
+
+    /// Gives back everything held, one return each, by closing the channels.
+    pub async fn finish(self) -> Result<(), Failure> {
+        let mut result = Ok(());
+        for channel in [&self.channel, &self.publisher] {
+            if channel.status().connected()
+                && let Err(e) = channel.close(200, "browse done".into()).await
+            {
+                result = Err(lost(e));
+            }
+        }
+        result
+    }
+}
