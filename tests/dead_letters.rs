@@ -153,6 +153,24 @@ async fn ready(b: &Broker, queue: &str) -> u32 {
     b.count(queue).await.map(|(r, _)| r).unwrap_or(u32::MAX)
 }
 
+/// Polls until each queue has the ready count it is paired with (messages a closed channel
+/// gives back reach a quorum queue a moment later), at most 10 s; asserts it got there.
+async fn assert_ready(b: &Broker, want: &[(&str, u32)], what: &str) {
+    let seen = std::sync::Mutex::new(Vec::new());
+    let ok = eventually(Duration::from_secs(10), || async {
+        let mut now = Vec::new();
+        for (queue, _) in want {
+            now.push(ready(b, queue).await);
+        }
+        let done = want.iter().map(|(_, n)| *n).eq(now.iter().copied());
+        *seen.lock().unwrap() = now;
+        done
+    })
+    .await;
+    let seen = seen.into_inner().unwrap();
+    assert!(ok, "{what}: ready counts {seen:?}, want {want:?}");
+}
+
 fn ids(messages: &[(Vec<u8>, BasicProperties)]) -> Vec<String> {
     messages
         .iter()
@@ -332,7 +350,7 @@ async fn list_counts_sidecar_and_broker_dead_letters_by_reason_with_examples() {
     ] {
         assert!(human.contains(needle), "{needle:?} in\n{human}");
     }
-    assert_eq!(ready(&b, &dlq).await, 7);
+    assert_ready(&b, &[(&dlq, 7)], "dlq").await;
     // With the management API, the queue's type and limit are known.
     let report = ok(&[
         "list",
@@ -347,7 +365,7 @@ async fn list_counts_sidecar_and_broker_dead_letters_by_reason_with_examples() {
     assert_eq!(report["queue_type"], "classic");
     assert_eq!(report["delivery_limit"]["limit"], Value::Null);
     assert_eq!(report["delivery_limit"]["source"], "management");
-    assert_eq!(ready(&b, &dlq).await, 7);
+    assert_ready(&b, &[(&dlq, 7)], "dlq").await;
     b.cleanup().await;
 }
 
@@ -409,11 +427,7 @@ async fn replay_by_reason_and_limit_in_order(quorum_dlq: bool) {
     assert_eq!(dry["left"]["other_reason"], 5);
     assert_eq!(dry["left"]["no_origin"], 1);
     assert_eq!(dry["left"]["other_origin"], 1);
-    assert_eq!(
-        (ready(&b, &dlq).await, ready(&b, &queue).await),
-        (12, 0),
-        "a dry run moves nothing"
-    );
+    assert_ready(&b, &[(&dlq, 12), (&queue, 0)], "a dry run moves nothing").await;
 
     let started = Instant::now();
     let first = ok(&[
@@ -431,7 +445,7 @@ async fn replay_by_reason_and_limit_in_order(quorum_dlq: bool) {
         "{first:?}"
     );
     assert!(first.stdout.contains("rejected"), "{first:?}");
-    assert_eq!((ready(&b, &dlq).await, ready(&b, &queue).await), (9, 3));
+    assert_ready(&b, &[(&dlq, 9), (&queue, 3)], "three replayed").await;
 
     let all = ok(&["replay", "--queue", &queue, "--rate", "200/s", "--json"])
         .await
@@ -687,13 +701,13 @@ async fn purge_refuses_without_yes_and_removes_everything_with_it() {
     let r = dl(&["purge", "--queue", &queue], &[]).await;
     assert_eq!(r.code, 64, "{r:?}");
     assert!(r.stderr.contains("--yes"), "{r:?}");
-    assert_eq!(ready(&b, &dlq).await, 12, "nothing removed");
+    assert_ready(&b, &[(&dlq, 12)], "nothing removed").await;
     let r = ok(&["purge", "--queue", &queue, "--yes", "--json"])
         .await
         .json();
     assert_eq!(r["purged"], 12);
     assert_eq!(r["dead_letter_queue"], dlq.as_str());
-    assert_eq!(ready(&b, &dlq).await, 0);
+    assert_ready(&b, &[(&dlq, 0)], "dlq").await;
     b.cleanup().await;
 }
 
@@ -823,7 +837,7 @@ async fn a_copy_the_broker_refuses_leaves_its_dead_letter_in_place() {
     let r = dl(&["replay", "--queue", &missing], &[]).await;
     assert_eq!(r.code, 69, "{r:?}");
     assert!(r.stderr.contains("does not exist"), "{r:?}");
-    assert_eq!(ready(&b, &missing_dlq).await, 1);
+    assert_ready(&b, &[(&missing_dlq, 1)], "missing_dlq").await;
     b.cleanup().await;
 }
 

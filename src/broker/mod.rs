@@ -3,6 +3,7 @@
 //! ([`topology`]), the periodic polls of queue depth and consumers ([`monitor`]), and the
 //! management API ([`management`]).
 
+pub(crate) mod confirm;
 pub(crate) mod management;
 pub(crate) mod monitor;
 pub(crate) mod session;

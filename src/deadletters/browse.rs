@@ -11,20 +11,16 @@
 //! A message whose return would bring it too close to the queue's delivery limit is not given
 //! back but refreshed (see [`super::limit`]).
 
-use std::time::Duration;
-
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::options::{BasicAckOptions, BasicGetOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel};
 
 use super::Failure;
 use super::letter::refresh_properties;
 use super::limit::QueueFacts;
 use super::session::{Session, lost};
+use crate::broker::confirm;
 use crate::headers::{DELIVERY_COUNT, int_header};
-
-/// How long a copy may wait for the broker's confirm (a blocked connection waits here).
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Browser {
     /// The channel messages are read on; what it holds goes back to the queue when it closes.
@@ -117,61 +113,25 @@ impl Browser {
             .map_err(lost)
     }
 
-    /// Publishes a copy to `queue` through the default exchange (mandatory, so a missing queue
-    /// is an error rather than a silent drop) and waits for the broker's confirm.
+    /// Publishes a copy to `queue` and waits for the broker's confirm.
     pub async fn publish(
         &self,
         queue: &str,
         body: &[u8],
         props: BasicProperties,
     ) -> Result<(), String> {
-        self.send(queue, body, props).await?.await
+        confirm::publish(&self.publisher, queue, body, props).await
     }
 
-    /// Publishes a copy like [`Browser::publish`] and returns without waiting for the confirm:
-    /// the returned future is the broker's answer.
+    /// Publishes a copy and returns without waiting for the confirm: the returned future is the
+    /// broker's answer.
     pub async fn send(
         &self,
         queue: &str,
         body: &[u8],
         props: BasicProperties,
     ) -> Result<impl Future<Output = Result<(), String>> + Send + 'static, String> {
-        let sent = tokio::time::timeout(
-            CONFIRM_TIMEOUT,
-            self.publisher.basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                body,
-                props,
-            ),
-        )
-        .await;
-        let confirm = match sent {
-            Ok(Ok(confirm)) => confirm,
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err(format!("could not publish within {CONFIRM_TIMEOUT:?}")),
-        };
-        let queue = queue.to_string();
-        Ok(async move {
-            match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
-                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-                Ok(Ok(Confirmation::Ack(Some(_)))) => Err(format!(
-                    "queue {queue:?} does not exist: the copy was returned"
-                )),
-                Ok(Ok(Confirmation::Nack(_))) => {
-                    Err(format!("the broker refused the copy to {queue:?} (nack)"))
-                }
-                Ok(Ok(Confirmation::NotRequested)) => Err("publisher confirms are off".into()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!(
-                    "no confirm within {CONFIRM_TIMEOUT:?} (is the connection blocked?)"
-                )),
-            }
-        })
+        confirm::send(&self.publisher, queue, body, props).await
     }
 
     /// Gives back everything held, one return each, by closing the channels.

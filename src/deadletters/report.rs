@@ -150,16 +150,7 @@ impl Report for ListReport {
                 }
             }
         }
-        if self.refreshed > 0 {
-            let _ = writeln!(
-                o,
-                "refreshed {} message(s) near the delivery limit: put back at the tail with a fresh count",
-                self.refreshed
-            );
-        }
-        for w in &self.warnings {
-            let _ = writeln!(o, "warning: {w}");
-        }
+        footer(&mut o, self.refreshed, &self.warnings);
         o
     }
 }
@@ -264,16 +255,7 @@ impl Report for ReplayReport {
                 self.dead_letter_queue
             );
         }
-        if self.refreshed > 0 {
-            let _ = writeln!(
-                o,
-                "refreshed {} message(s) near the delivery limit: put back at the tail with a fresh count",
-                self.refreshed
-            );
-        }
-        for w in &self.warnings {
-            let _ = writeln!(o, "warning: {w}");
-        }
+        footer(&mut o, self.refreshed, &self.warnings);
         o
     }
 }
@@ -294,6 +276,19 @@ impl Report for PurgeReport {
             "purged {} dead letter(s) from {:?}\n",
             self.purged, self.dead_letter_queue
         )
+    }
+}
+
+/// The lines every report ends with: what was refreshed near the delivery limit, and warnings.
+fn footer(o: &mut String, refreshed: u64, warnings: &[String]) {
+    if refreshed > 0 {
+        let _ = writeln!(
+            o,
+            "refreshed {refreshed} message(s) near the delivery limit: put back at the tail with a fresh count"
+        );
+    }
+    for w in warnings {
+        let _ = writeln!(o, "warning: {w}");
     }
 }
 

@@ -4,18 +4,19 @@
 //! The original is acked only after the copy's confirm: a copy that is lost before that leaves
 //! the original in the queue, and a crash between the confirm and the ack leaves two (a
 //! duplicate, never a loss). A copy that is not confirmed (queue missing, broker refusing,
-//! connection blocked past [`CONFIRM_TIMEOUT`]) holds the original for one backoff step and then
+//! connection blocked past the confirm timeout) holds the original for one backoff step and then
 //! gives it back, so a broken dead-letter path slows a poison message down instead of spinning on
 //! it.
 
 use std::time::Duration;
 
+use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 
 use super::copies::{self, Failure, Origin};
 use super::{Ctx, InHand, Shared, emit_about, emit_healthy};
+use crate::broker::confirm;
 use crate::policy::{self, DeadLetterReason, RetryReason};
 use crate::telemetry::events::{
     CopyKind, DeadLettered, Event, MessageAcked, MessageRequeued, RepublishFailed, RetryScheduled,
@@ -23,8 +24,6 @@ use crate::telemetry::events::{
 };
 use crate::telemetry::trace::MessageTrace;
 
-/// How long a copy may wait for the broker's confirm (a blocked connection waits here).
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long an ack or nack may take to be handed to the connection.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -114,7 +113,7 @@ async fn replace(
     props: BasicProperties,
     confirmed: impl Event,
 ) -> bool {
-    match publish(&ctx.publisher, queue, msg.body, props).await {
+    match confirm::publish(&ctx.publisher, queue, msg.body, props).await {
         Ok(()) => {
             emit_about(Some(msg.trace), confirmed, &ctx.shared.metrics);
             ack(ctx, msg.delivery, msg.trace).await
@@ -151,43 +150,6 @@ async fn not_confirmed(ctx: &Ctx, msg: &InHand<'_>, what: CopyKind, error: &str)
         _ = shared.shutdown.cancelled() => {}
     }
     hand_back(ctx, msg, ReturnReason::CopyNotConfirmed).await;
-}
-
-/// Publishes a copy (`body` with `props`) to `queue` through the default exchange, mandatory,
-/// and waits for the broker's confirm.
-async fn publish(
-    publisher: &Channel,
-    queue: &str,
-    body: &[u8],
-    props: BasicProperties,
-) -> Result<(), String> {
-    let publish = async {
-        publisher
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                body,
-                props,
-            )
-            .await?
-            .await
-    };
-    match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
-        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-        Ok(Ok(Confirmation::Ack(Some(_)))) => Err(format!(
-            "queue {queue:?} does not exist: the copy was returned"
-        )),
-        Ok(Ok(Confirmation::Nack(_))) => Err("the broker refused the copy (nack)".into()),
-        Ok(Ok(Confirmation::NotRequested)) => Err("publisher confirms are off".into()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!(
-            "no confirm within {CONFIRM_TIMEOUT:?} (is the connection blocked?)"
-        )),
-    }
 }
 
 /// Gives a message in a task's hands back to its queue. Returns `false`: it was not acked.
