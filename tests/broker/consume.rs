@@ -3,12 +3,11 @@
 //! single active consumer, drain on SIGTERM, failover to the second node. Each also checks that
 //! `/metrics` tells what happened.
 
-mod common;
 
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 #[tokio::test]
 async fn acks_on_2xx_and_maps_headers() {

@@ -6,14 +6,13 @@
 //!
 //! Needs `/usr/bin/prometheus` (Debian package `prometheus`); fails saying so when it is missing.
 
-mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use common::monitoring::{Prometheus, repo};
-use common::*;
+use crate::common::monitoring::{Prometheus, repo};
+use crate::common::*;
 use serde_json::Value;
 
 /// A template variable's selection, as a Grafana user makes it.

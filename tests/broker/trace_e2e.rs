@@ -3,7 +3,6 @@
 //! app receives a `traceparent` of the same trace naming the sidecar's CLIENT span, and a
 //! dead-lettered copy carries the context on.
 
-mod common;
 
 use std::time::Duration;
 
@@ -22,7 +21,7 @@ use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use prost::Message as _;
 use std::sync::{Arc, Mutex};
 
-use common::*;
+use crate::common::*;
 
 const TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
 const PARENT_ID: &str = "b7ad6b7169203331";

@@ -4,12 +4,11 @@
 //! delivery-ack timeout warning show in the metrics, `/status` has its documented shape and never
 //! leaks a password, and the admin server shrugs off bad requests.
 
-mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::*;
+use crate::common::*;
 use rabbit_sidecar::telemetry::metrics::{
     CancelReason, DeadLetterReason, HandlerOutcome, LossReason, RetryReason,
 };

@@ -6,7 +6,6 @@
 //! `RABBIT_SIDECAR_CHAOS=long` runs the long chaos version; `RABBIT_SIDECAR_CHAOS_SEED=<n>`
 //! replays a schedule. See `docs/chaos.md`.
 
-mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -15,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use rand::rngs::StdRng;

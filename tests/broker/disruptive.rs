@@ -1,13 +1,12 @@
 //! Faults that disturb the shared broker (stopping its application). These run on their own,
 //! after the other tests and one at a time (see `scripts/test.sh` and `.config/nextest.toml`).
 
-mod common;
 
 use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 /// Starts the broker application again even if the test fails half-way.
 struct RestartGuard;

@@ -9,12 +9,11 @@
 //! only after its copy was confirmed, and loses nothing when killed with -9; a dry run moves
 //! nothing; `purge` wants `--yes`; the consumer's configuration applies and no password is printed.
 
-mod common;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::*;
+use crate::common::*;
 use lapin::BasicProperties;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, LongString};

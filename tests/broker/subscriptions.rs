@@ -2,11 +2,10 @@
 //! matching messages; two subscriptions reach different app paths; a conflicting declaration
 //! stops start-up with a clear error; deleting one subscription's queue leaves the other consuming.
 
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use lapin::options::{
     BasicPublishOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeleteOptions,
 };

@@ -5,14 +5,13 @@
 //! retry, bounded the same way (never a loop); a slow answer within the timeout is an ack; a huge
 //! 2xx body is acked without being read.
 
-mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

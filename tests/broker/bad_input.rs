@@ -4,12 +4,11 @@
 //! every body byte for byte, every message is settled, the queues end empty, and the sidecar stays
 //! live and ready.
 
-mod common;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use lapin::BasicProperties;
 use lapin::types::{
     AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString, ShortString,

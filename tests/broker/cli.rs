@@ -4,11 +4,10 @@
 //! a dead port. Failures that are not usage errors have codes of their own: unusable
 //! OpenTelemetry settings 78, an admin address that cannot be bound 71.
 
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const EX_USAGE: i32 = 64;
 const EX_UNAVAILABLE: i32 = 69;

@@ -2,14 +2,13 @@
 //! in-test TCP proxy (`tests/common/proxy.rs`). Only the sidecar's own connections are disturbed,
 //! so these run beside the other tests.
 
-mod common;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::proxy::{Mode, Proxy};
-use common::*;
+use crate::common::proxy::{Mode, Proxy};
+use crate::common::*;
 
 const BROKER: &str = "127.0.0.1:5672";
 const HEARTBEAT: Duration = Duration::from_secs(2);

@@ -3,14 +3,13 @@
 //! `--tls-ca-file` and a client certificate (mutual TLS) and consumes; with the wrong CA it fails
 //! clearly (logged, `connect_failures_total` moves, `/readyz` 503 with a reason), not by hanging.
 
-mod common;
 
 use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
-use common::node::{Cookie, Node, free_port_pair};
-use common::*;
+use crate::common::node::{Cookie, Node, free_port_pair};
+use crate::common::*;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
