@@ -5,7 +5,6 @@
 //! retry, bounded the same way (never a loop); a slow answer within the timeout is an ack; a huge
 //! 2xx body is acked without being read.
 
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -116,7 +115,7 @@ async fn hangs_resets_slow_answers_and_huge_bodies_each_keep_the_promise() {
     let (addr, server) = raw_app(seen.clone()).await;
     let url = format!("http://{addr}/");
     // The common fast flags (100ms retry backoff, 200ms app probe, ...) plus this test's own.
-    let sidecar = Sidecar::spawn(&args(
+    let sidecar = Sidecar::start(&args(
         &queue,
         &url,
         &[

@@ -4,7 +4,6 @@
 //! a dead port. Failures that are not usage errors have codes of their own: unusable
 //! OpenTelemetry settings 78, an admin address that cannot be bound 71.
 
-
 use std::time::Duration;
 
 use crate::common::*;
@@ -455,7 +454,7 @@ async fn healthcheck_exits_0_against_a_live_sidecar_and_1_against_a_dead_port() 
     broker.track(&queue);
     let app = App::start().await;
     let url = app.url();
-    let sidecar = Sidecar::spawn(&declared(&queue, &url, &[]));
+    let sidecar = Sidecar::start(&declared(&queue, &url, &[]));
     sidecar.wait_ready(Duration::from_secs(20)).await;
     let healthz = format!("http://{}/healthz", sidecar.admin);
     let r = run(&["healthcheck", "--url", &healthz], &[]).await;

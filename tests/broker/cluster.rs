@@ -5,7 +5,6 @@
 //! or the queue's leader, moves the work on and loses nothing. The nodes are stopped and their
 //! directories removed at the end, also when the test fails.
 
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
@@ -156,7 +155,7 @@ async fn connected_node(sidecar: &Sidecar) -> Option<String> {
 }
 
 fn spawn(queue: &str, urls: &str, app: &App) -> Sidecar {
-    Sidecar::spawn(&[
+    Sidecar::start(&[
         "--amqp-url",
         urls,
         "--queue",

@@ -9,7 +9,6 @@
 //! only after its copy was confirmed, and loses nothing when killed with -9; a dry run moves
 //! nothing; `purge` wants `--yes`; the consumer's configuration applies and no password is printed.
 
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -535,7 +534,7 @@ async fn after_an_outage_the_dead_letters_are_replayed_to_the_recovered_app() {
     let app = App::start().await;
     app.answer(|_| 503);
     let url = app.url();
-    let sidecar = Sidecar::spawn(&args(
+    let sidecar = Sidecar::start(&args(
         &queue,
         &url,
         &["--queue-type", "quorum", "--max-deliveries", "2"],

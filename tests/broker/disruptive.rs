@@ -1,7 +1,6 @@
 //! Faults that disturb the shared broker (stopping its application). These run on their own,
 //! after the other tests and one at a time (see `scripts/test.sh` and `.config/nextest.toml`).
 
-
 use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;
@@ -28,7 +27,7 @@ async fn broker_restart(quorum: bool) {
     app.set_delay(Duration::from_millis(10));
     let url = app.url();
     let qtype = if quorum { "quorum" } else { "classic" };
-    let sidecar = Sidecar::spawn(&[
+    let sidecar = Sidecar::start(&[
         "--amqp-url",
         AMQP,
         "--queue",

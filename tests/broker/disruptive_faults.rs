@@ -6,7 +6,6 @@
 //! `RABBIT_SIDECAR_CHAOS=long` runs the long chaos version; `RABBIT_SIDECAR_CHAOS_SEED=<n>`
 //! replays a schedule. See `docs/chaos.md`.
 
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::process::Command;
@@ -513,7 +512,7 @@ async fn a_memory_alarm_holds_dead_letters_until_it_clears_and_loses_none() {
     let url = app.url();
 
     let alarm = WatermarkGuard::raise_alarm();
-    let sidecar = Sidecar::spawn(&[
+    let sidecar = Sidecar::start(&[
         "--amqp-url",
         AMQP,
         "--queue",
@@ -640,7 +639,7 @@ async fn retry_restart(quorum: bool) {
         }
     });
     let url = app.url();
-    let sidecar = Sidecar::spawn(&[
+    let sidecar = Sidecar::start(&[
         "--amqp-url",
         AMQP,
         "--queue",

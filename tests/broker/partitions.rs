@@ -2,7 +2,6 @@
 //! in-test TCP proxy (`tests/common/proxy.rs`). Only the sidecar's own connections are disturbed,
 //! so these run beside the other tests.
 
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -30,7 +29,7 @@ fn losses(m: &str) -> f64 {
 }
 
 fn spawn(queue: &str, urls: &str, app: &App) -> Sidecar {
-    Sidecar::spawn(&[
+    Sidecar::start(&[
         "--amqp-url",
         urls,
         "--queue",

@@ -6,7 +6,6 @@
 //!
 //! Needs `/usr/bin/prometheus` (Debian package `prometheus`); fails saying so when it is missing.
 
-
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
@@ -252,7 +251,7 @@ async fn dashboards_and_rules_work_against_a_real_prometheus() {
         "--app-probe-interval",
         "200ms",
     ];
-    let sidecars = [Sidecar::spawn(&flags), Sidecar::spawn(&flags)];
+    let sidecars = [Sidecar::start(&flags), Sidecar::start(&flags)];
     for sidecar in &sidecars {
         sidecar.wait_ready(Duration::from_secs(20)).await;
     }

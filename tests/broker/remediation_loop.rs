@@ -23,7 +23,6 @@
 //!
 //! Only the test's own processes are stopped, so this is not a disruptive test.
 
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;

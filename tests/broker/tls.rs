@@ -3,7 +3,6 @@
 //! `--tls-ca-file` and a client certificate (mutual TLS) and consumes; with the wrong CA it fails
 //! clearly (logged, `connect_failures_total` moves, `/readyz` 503 with a reason), not by hanging.
 
-
 use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
@@ -141,7 +140,7 @@ async fn amqps_with_mutual_tls_consumes_and_a_wrong_ca_fails_clearly() {
 
     // The wrong CA: the server's certificate is refused, clearly and quickly.
     let args = base(&wrong_ca_file);
-    let bad = Sidecar::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let bad = Sidecar::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(
         eventually(Duration::from_secs(15), || async {
             bad.metric("rabbit_sidecar_connect_failures_total").await >= 2.0
@@ -165,7 +164,7 @@ async fn amqps_with_mutual_tls_consumes_and_a_wrong_ca_fails_clearly() {
 
     // The right CA and a client certificate: connected over TLS, everything consumed.
     let args = base(&ca_file);
-    let good_sidecar = Sidecar::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let good_sidecar = Sidecar::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     good_sidecar.wait_ready(Duration::from_secs(20)).await;
     assert!(
         eventually(Duration::from_secs(20), || async {

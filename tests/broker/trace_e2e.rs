@@ -3,7 +3,6 @@
 //! app receives a `traceparent` of the same trace naming the sidecar's CLIENT span, and a
 //! dead-lettered copy carries the context on.
 
-
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -97,7 +96,7 @@ async fn the_process_span_continues_the_producers_trace_and_the_app_gets_a_child
     let app = App::start().await;
     app.answer(|r| if r.id() == "poison" { 400 } else { 200 });
     let url = app.url();
-    let mut sidecar = Sidecar::spawn_env(
+    let mut sidecar = Sidecar::start_env(
         &[
             "--amqp-url",
             AMQP,
