@@ -3,9 +3,9 @@
 
 use std::collections::HashMap;
 
-use crate::telemetry::trace::{DeliveryMeta, HttpTarget, MessageTrace};
+use super::{meta, sent_to_app};
+use crate::telemetry::trace::MessageTrace;
 use crate::telemetry::{LogFormat, Telemetry, TelemetryError};
-use hyper::HeaderMap;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 
 /// Nothing listens here: building an exporter connects lazily, and these tests never flush.
@@ -187,25 +187,7 @@ fn flags_sent_to_app(sampler: &str) -> String {
         )),
     );
     let sent = tracing::dispatcher::with_default(&dispatch, || {
-        let trace = MessageTrace::start(&DeliveryMeta {
-            queue: "q",
-            exchange: "",
-            routing_key: "q",
-            delivery_tag: 1,
-            message_id: None,
-            correlation_id: None,
-            body_size: 0,
-            server_address: "127.0.0.1",
-            server_port: 5672,
-            headers: Some(&headers),
-        });
-        let call = trace.dispatch_span(&HttpTarget::new(
-            "POST",
-            &"http://127.0.0.1:1/".parse().unwrap(),
-        ));
-        let mut sent = HeaderMap::new();
-        trace.inject_http(&call, &mut sent);
-        sent
+        sent_to_app(&MessageTrace::start(&meta(Some(&headers))))
     });
     let parent = sent["traceparent"].to_str().unwrap().to_owned();
     assert!(

@@ -142,6 +142,18 @@ impl SpanExporter for TestExporter {
     }
 }
 
+/// A provider whose spans go through a [`SpanBatcher`] to `exporter`, what the exporter records,
+/// and a tracer.
+fn batching(
+    exporter: TestExporter,
+    config: BatchConfig,
+) -> (Arc<Record>, SdkTracerProvider, SdkTracer) {
+    let record = exporter.record.clone();
+    let provider = provider(SpanBatcher::new(exporter, config));
+    let tracer = provider.tracer("t");
+    (record, provider, tracer)
+}
+
 fn provider(processor: SpanBatcher) -> SdkTracerProvider {
     SdkTracerProvider::builder()
         .with_span_processor(processor)
@@ -219,9 +231,7 @@ fn span_data(name: &str, sampled: bool) -> SpanData {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_batches_are_exported_without_a_flush() {
     let exporter = TestExporter::default();
-    let record = exporter.record.clone();
-    let provider = provider(SpanBatcher::new(exporter, config(2048, 4, NEVER)));
-    let tracer = provider.tracer("t");
+    let (record, provider, tracer) = batching(exporter, config(2048, 4, NEVER));
 
     end_spans(&tracer, "s", 0..10);
     wait_for("two full batches", || record.exported() >= 8).await;
@@ -240,9 +250,7 @@ async fn full_batches_are_exported_without_a_flush() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_size_is_clamped_to_the_queue_size() {
     let exporter = TestExporter::default();
-    let record = exporter.record.clone();
-    let provider = provider(SpanBatcher::new(exporter, config(3, 512, NEVER)));
-    let tracer = provider.tracer("t");
+    let (record, provider, tracer) = batching(exporter, config(3, 512, NEVER));
 
     end_spans(&tracer, "s", 0..3);
     wait_for("a batch of the queue size", || record.exported() >= 3).await;
@@ -253,12 +261,8 @@ async fn batch_size_is_clamped_to_the_queue_size() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partial_batch_is_exported_after_the_schedule_delay() {
     let exporter = TestExporter::default();
-    let record = exporter.record.clone();
-    let provider = provider(SpanBatcher::new(
-        exporter,
-        config(2048, 512, Duration::from_millis(50)),
-    ));
-    let tracer = provider.tracer("t");
+    let (record, provider, tracer) =
+        batching(exporter, config(2048, 512, Duration::from_millis(50)));
 
     end_spans(&tracer, "a", 0..3);
     wait_for("the scheduled export", || record.exported() >= 3).await;
@@ -293,10 +297,8 @@ async fn force_flush_exports_everything_before_returning() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn force_flush_drains_queued_batches_behind_a_slow_export() {
     let (exporter, gate) = TestExporter::gated();
-    let record = exporter.record.clone();
     // Room for 64 / 4 - 1 = 15 queued batches.
-    let provider = provider(SpanBatcher::new(exporter, config(64, 4, NEVER)));
-    let tracer = provider.tracer("t");
+    let (record, provider, tracer) = batching(exporter, config(64, 4, NEVER));
 
     end_spans(&tracer, "s", 0..4);
     wait_for("the first export to start", || record.calls() == 1).await;
@@ -323,9 +325,7 @@ async fn force_flush_drains_queued_batches_behind_a_slow_export() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_everything_and_happens_once() {
     let exporter = TestExporter::default();
-    let record = exporter.record.clone();
-    let provider = provider(SpanBatcher::new(exporter, config(2048, 4, NEVER)));
-    let tracer = provider.tracer("t");
+    let (record, provider, tracer) = batching(exporter, config(2048, 4, NEVER));
 
     end_spans(&tracer, "s", 0..6);
     shutdown(&provider).await.expect("shutdown");
@@ -467,9 +467,7 @@ async fn a_stuck_exporter_makes_spans_drop_instead_of_blocking() {
     let bound = BATCH + queued_batches * BATCH + (BATCH - 1);
 
     let (exporter, gate) = TestExporter::gated();
-    let record = exporter.record.clone();
-    let provider = provider(SpanBatcher::new(exporter, config(QUEUE, BATCH, NEVER)));
-    let tracer = provider.tracer("t");
+    let (record, provider, tracer) = batching(exporter, config(QUEUE, BATCH, NEVER));
 
     end_spans(&tracer, "s", 0..BATCH);
     wait_for("the first export to start", || record.calls() == 1).await;
@@ -515,9 +513,7 @@ async fn a_failed_export_does_not_stop_later_ones() {
         fail_calls: 1,
         ..TestExporter::default()
     };
-    let record = exporter.record.clone();
-    let provider = provider(SpanBatcher::new(exporter, config(2048, 4, NEVER)));
-    let tracer = provider.tracer("t");
+    let (record, provider, tracer) = batching(exporter, config(2048, 4, NEVER));
 
     end_spans(&tracer, "s", 0..4);
     wait_for("the failed export", || record.failed() == 1).await;
@@ -535,9 +531,7 @@ async fn force_flush_reports_a_failed_export_and_the_next_one_recovers() {
         fail_calls: 1,
         ..TestExporter::default()
     };
-    let record = exporter.record.clone();
-    let provider = provider(SpanBatcher::new(exporter, config(2048, 4, NEVER)));
-    let tracer = provider.tracer("t");
+    let (record, provider, tracer) = batching(exporter, config(2048, 4, NEVER));
 
     end_spans(&tracer, "s", 0..2);
     assert!(flush(&provider).await.is_err(), "the export failed");
@@ -555,15 +549,13 @@ async fn a_hanging_export_is_cut_off_by_the_export_timeout() {
         hang_calls: 1,
         ..TestExporter::default()
     };
-    let record = exporter.record.clone();
-    let provider = provider(SpanBatcher::new(
+    let (record, provider, tracer) = batching(
         exporter,
         BatchConfig {
             export_timeout: Duration::from_millis(100),
             ..config(2048, 4, NEVER)
         },
-    ));
-    let tracer = provider.tracer("t");
+    );
 
     end_spans(&tracer, "s", 0..4);
     wait_for("the first export to start", || record.calls() == 1).await;
@@ -603,9 +595,7 @@ async fn the_provider_resource_reaches_the_exporter() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zero_schedule_delay_still_exports() {
     let exporter = TestExporter::default();
-    let record = exporter.record.clone();
-    let provider = provider(SpanBatcher::new(exporter, config(2048, 4, Duration::ZERO)));
-    let tracer = provider.tracer("t");
+    let (record, provider, tracer) = batching(exporter, config(2048, 4, Duration::ZERO));
 
     // Without any flush: the full batch at once, the partial one on the next (immediate) tick.
     end_spans(&tracer, "s", 0..6);
@@ -622,17 +612,15 @@ async fn force_flush_allows_for_the_export_in_progress() {
         latency: Duration::from_millis(900),
         ..TestExporter::default()
     };
-    let record = exporter.record.clone();
     // One queued batch: the flush may wait 3 x 1 s (the running export, the queued batch and
     // the partial one).
-    let provider = provider(SpanBatcher::new(
+    let (record, provider, tracer) = batching(
         exporter,
         BatchConfig {
             export_timeout: Duration::from_secs(1),
             ..config(8, 4, NEVER)
         },
-    ));
-    let tracer = provider.tracer("t");
+    );
 
     end_spans(&tracer, "s", 0..4);
     wait_for("the first export to start", || record.calls() == 1).await;

@@ -5,10 +5,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use super::{meta, sent_to_app};
 use crate::telemetry::setup::{LogFormat, Telemetry, otel_layer};
-use crate::telemetry::trace::{
-    DeliveryMeta, HttpTarget, MessageTrace, extract_context, parse_traceparent,
-};
+use crate::telemetry::trace::{HttpTarget, MessageTrace, extract_context, parse_traceparent};
 use hyper::HeaderMap;
 use lapin::types::{AMQPValue, ByteArray, FieldArray, FieldTable, LongString, ShortString};
 use opentelemetry::trace::{SpanId, SpanKind, Status, TraceId, TracerProvider as _};
@@ -43,21 +42,6 @@ fn headers(pairs: Vec<(&str, AMQPValue)>) -> FieldTable {
 
 fn long(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
-}
-
-fn meta(headers: Option<&FieldTable>) -> DeliveryMeta<'_> {
-    DeliveryMeta {
-        queue: "orders",
-        exchange: "shop",
-        routing_key: "order.created",
-        delivery_tag: 42,
-        message_id: Some("msg-1"),
-        correlation_id: Some("corr-9"),
-        body_size: 123,
-        server_address: "rabbit-1",
-        server_port: 5672,
-        headers,
-    }
 }
 
 fn attr(span: &SpanData, key: &str) -> Option<Value> {
@@ -374,13 +358,7 @@ fn garbage_traceparents_start_a_fresh_root_without_panicking() {
         ]);
         let ((trace_id, sent), spans) = with_exporter(|| {
             let trace = MessageTrace::start(&meta(Some(&table)));
-            let call = trace.dispatch_span(&HttpTarget::new(
-                "POST",
-                &"http://127.0.0.1:1/".parse().unwrap(),
-            ));
-            let mut sent = HeaderMap::new();
-            trace.inject_http(&call, &mut sent);
-            (trace.trace_id().map(str::to_owned), sent)
+            (trace.trace_id().map(str::to_owned), sent_to_app(&trace))
         });
         let span = find(&spans, "process orders");
         assert_eq!(span.parent_span_id, SpanId::INVALID, "{value:?}");
@@ -436,12 +414,7 @@ fn without_an_exporter_the_producer_context_goes_to_the_app_unchanged() {
     let trace = MessageTrace::start(&meta(Some(&table)));
     assert!(!trace.exporting());
     assert_eq!(trace.trace_id(), Some(TRACE_ID));
-    let call = trace.dispatch_span(&HttpTarget::new(
-        "POST",
-        &"http://127.0.0.1:9/".parse().unwrap(),
-    ));
-    let mut sent = HeaderMap::new();
-    trace.inject_http(&call, &mut sent);
+    let sent = sent_to_app(&trace);
     assert_eq!(header(&sent, "traceparent").as_deref(), Some(TRACEPARENT));
     assert_eq!(
         header(&sent, "tracestate").as_deref(),
@@ -456,16 +429,7 @@ fn without_an_exporter_the_producer_context_goes_to_the_app_unchanged() {
 fn unsampled_parent_stays_unsampled() {
     let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
     let table = headers(vec![("traceparent", long(unsampled))]);
-    let (sent, spans) = with_exporter(|| {
-        let trace = MessageTrace::start(&meta(Some(&table)));
-        let call = trace.dispatch_span(&HttpTarget::new(
-            "POST",
-            &"http://127.0.0.1:1/".parse().unwrap(),
-        ));
-        let mut sent = HeaderMap::new();
-        trace.inject_http(&call, &mut sent);
-        sent
-    });
+    let (sent, spans) = with_exporter(|| sent_to_app(&MessageTrace::start(&meta(Some(&table)))));
     assert!(
         spans.is_empty(),
         "parent-based sampling drops it: {spans:?}"
