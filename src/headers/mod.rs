@@ -42,12 +42,14 @@ pub const DELIVERY_COUNT: &str = "x-delivery-count";
 
 const MAX_VALUE_LEN: usize = 8 * 1024;
 
-/// What the consumer knows about a delivery that the app should see.
+/// What the consumer knows about a delivery, borrowed: what the app sees of it (its headers) and
+/// what its trace records (the process span's attributes).
 #[derive(Debug, Clone, Copy)]
 pub struct DeliveryInfo<'a> {
     pub queue: &'a str,
     pub exchange: &'a str,
     pub routing_key: &'a str,
+    pub delivery_tag: u64,
     pub redelivered: bool,
     pub attempt: u32,
     pub properties: &'a BasicProperties,
@@ -300,6 +302,7 @@ mod tests {
             queue: "orders",
             exchange: "shop",
             routing_key: "order.created",
+            delivery_tag: 1,
             redelivered: true,
             attempt: 2,
             properties: props,
@@ -314,6 +317,7 @@ mod tests {
             queue: "orders",
             exchange: "",
             routing_key: "orders",
+            delivery_tag: 1,
             redelivered: false,
             attempt: 1,
             properties: &props,
@@ -327,6 +331,7 @@ mod tests {
             queue: "bad\nname",
             exchange: "",
             routing_key: "bad\nname",
+            delivery_tag: 1,
             redelivered: false,
             attempt: 1,
             properties: &props,
@@ -346,6 +351,7 @@ mod tests {
             queue: "orders",
             exchange: "bad\nexchange",
             routing_key: "order.created",
+            delivery_tag: 1,
             redelivered: true,
             attempt: 3,
             properties: &first,
@@ -363,6 +369,7 @@ mod tests {
             queue: "orders",
             exchange: "shop",
             routing_key: "order.paid",
+            delivery_tag: 1,
             redelivered: false,
             attempt: 1,
             properties: &plain,

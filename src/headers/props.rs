@@ -185,6 +185,7 @@ proptest! {
             queue: &queue,
             exchange: "",
             routing_key: &queue,
+            delivery_tag: 1,
             redelivered,
             attempt,
             properties: &props,

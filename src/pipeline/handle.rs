@@ -12,7 +12,7 @@ use crate::headers::DeliveryInfo;
 use crate::policy::{self, DeadLetterReason, Decision, Outcome};
 use crate::telemetry::events::{HandlerAnswered, ReturnReason};
 use crate::telemetry::metrics::HandlerOutcome;
-use crate::telemetry::trace::{DeliveryMeta, MessageTrace};
+use crate::telemetry::trace::{MessageTrace, Server};
 
 /// Handles one received message: with a slot (`permit`) when it goes to the app, without one
 /// when it is dead-lettered on arrival.
@@ -28,21 +28,24 @@ pub(super) async fn handle(
     let body = Bytes::from(std::mem::take(&mut received.delivery.data));
     // Borrowed where it stands: the delivery stays in its box (see `Received`).
     let delivery = &received.delivery;
-    let props = &delivery.properties;
-    let trace = MessageTrace::start(&DeliveryMeta {
+    let info = DeliveryInfo {
         queue,
         exchange: delivery.exchange.as_str(),
         routing_key: delivery.routing_key.as_str(),
         delivery_tag: delivery.delivery_tag,
-        message_id: props.message_id().as_ref().map(|s| s.as_str()),
-        correlation_id: props.correlation_id().as_ref().map(|s| s.as_str()),
-        body_size: body.len(),
-        server_address: &ctx.session.host,
-        server_port: ctx.session.port,
-        headers: props.headers().as_ref(),
-    });
+        redelivered: delivery.redelivered,
+        attempt: received.attempt,
+        properties: &delivery.properties,
+        body_len: body.len(),
+    };
+    let server = Server {
+        address: &ctx.session.host,
+        port: ctx.session.port,
+    };
+    let trace = MessageTrace::start(&info, server);
     let msg = InHand {
         delivery,
+        info,
         body: &body,
         attempt: received.attempt,
         trace: &trace,
@@ -111,16 +114,7 @@ async fn process(ctx: &Ctx, msg: &InHand<'_>, id: u64) -> bool {
 /// Hands the message to the app inside a CLIENT span. `None` when the shutdown grace ran out
 /// first: the call is abandoned and the message goes back to the queue.
 async fn dispatch(ctx: &Ctx, msg: &InHand<'_>) -> Option<Answer> {
-    let delivery = msg.delivery;
-    let mut headers = ctx.headers.for_delivery(&DeliveryInfo {
-        queue: ctx.sub.queue(),
-        exchange: delivery.exchange.as_str(),
-        routing_key: delivery.routing_key.as_str(),
-        redelivered: delivery.redelivered,
-        attempt: msg.attempt,
-        properties: &delivery.properties,
-        body_len: msg.body.len(),
-    });
+    let mut headers = ctx.headers.for_delivery(&msg.info);
     let mut span = msg.trace.dispatch_span(&ctx.http_target);
     msg.trace.inject_http(&span, &mut headers);
     let answer = tokio::select! {

@@ -42,6 +42,7 @@ use crate::admin::health::{Health, State};
 use crate::app::{AppGate, Dispatcher};
 use crate::broker::topology::QueueSpec;
 use crate::broker::{Session, Sessions, backoff};
+use crate::headers::DeliveryInfo;
 use crate::headers::QueueHeaders;
 use crate::policy::Limits;
 use crate::telemetry::events::Event;
@@ -167,6 +168,8 @@ struct Ctx {
 /// A delivery in a task's hands.
 struct InHand<'a> {
     delivery: &'a Delivery,
+    /// The delivery as the app's headers and the trace describe it.
+    info: DeliveryInfo<'a>,
     body: &'a Bytes,
     attempt: u32,
     trace: &'a MessageTrace<'a>,

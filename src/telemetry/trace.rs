@@ -4,7 +4,7 @@
 //! The consumer loop drives one [`MessageTrace`] per delivery, in this order:
 //!
 //! ```text
-//! let trace = MessageTrace::start(&DeliveryMeta { .. });      // CONSUMER span "process {queue}"
+//! let trace = MessageTrace::start(&delivery, server);      // CONSUMER span "process {queue}"
 //! trace.in_scope(|| tracing::warn!(..));                       // the line names the delivery
 //!   let mut call = trace.dispatch_span(&target);              // CLIENT span "POST", child of it
 //!   trace.inject_http(&call, request.headers_mut());          // app sees traceparent/tracestate
@@ -52,6 +52,8 @@ use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
 
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+use crate::headers::DeliveryInfo;
 use opentelemetry::trace::{
     Span as _, SpanBuilder, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _,
     TraceFlags, TraceId, TraceState, Tracer as _,
@@ -106,19 +108,11 @@ fn current_tracer() -> Option<Arc<SdkTracer>> {
     tracing::dispatcher::get_default(|d| d.downcast_ref::<TracerLayer>().map(|l| l.tracer.clone()))
 }
 
-/// What the consumer loop knows about a delivery, borrowed for the span's attributes.
+/// The broker node a delivery came from, for the span's `server.*` attributes.
 #[derive(Debug, Clone, Copy)]
-pub struct DeliveryMeta<'a> {
-    pub queue: &'a str,
-    pub exchange: &'a str,
-    pub routing_key: &'a str,
-    pub delivery_tag: u64,
-    pub message_id: Option<&'a str>,
-    pub correlation_id: Option<&'a str>,
-    pub body_size: usize,
-    pub server_address: &'a str,
-    pub server_port: u16,
-    pub headers: Option<&'a FieldTable>,
+pub struct Server<'a> {
+    pub address: &'a str,
+    pub port: u16,
 }
 
 /// The tracing state of one delivery, from receipt to its decision.
@@ -147,12 +141,13 @@ impl std::fmt::Debug for MessageTrace<'_> {
 
 impl<'a> MessageTrace<'a> {
     /// Continues the producer's trace (or starts one) with a process span when exporting.
-    pub fn start(meta: &DeliveryMeta<'a>) -> MessageTrace<'a> {
-        let remote = extract_context(meta.headers);
+    pub fn start(delivery: &DeliveryInfo<'a>, server: Server<'_>) -> MessageTrace<'a> {
+        let props = delivery.properties;
+        let remote = extract_context(props.headers().as_ref());
         let tracer = current_tracer();
         let cx = match &tracer {
             Some(tracer) => {
-                let span = tracer.build_with_context(process_span(meta), &remote);
+                let span = tracer.build_with_context(process_span(delivery, server), &remote);
                 remote.with_span(span)
             }
             None => remote,
@@ -160,9 +155,9 @@ impl<'a> MessageTrace<'a> {
         MessageTrace {
             log_span: OnceLock::new(),
             trace_id: OnceLock::new(),
-            queue: meta.queue,
-            delivery_tag: meta.delivery_tag,
-            message_id: meta.message_id,
+            queue: delivery.queue,
+            delivery_tag: delivery.delivery_tag,
+            message_id: props.message_id().as_ref().map(|s| s.as_str()),
             cx,
             tracer,
         }
@@ -376,7 +371,7 @@ impl ClientSpan {
 }
 
 /// The CONSUMER span of a delivery, with the messaging attributes.
-fn process_span(meta: &DeliveryMeta<'_>) -> SpanBuilder {
+fn process_span(meta: &DeliveryInfo<'_>, server: Server<'_>) -> SpanBuilder {
     let mut attributes = Vec::with_capacity(12);
     attributes.extend([
         KeyValue::new("messaging.system", "rabbitmq"),
@@ -393,18 +388,18 @@ fn process_span(meta: &DeliveryMeta<'_>) -> SpanBuilder {
         ),
         KeyValue::new(
             "messaging.message.body.size",
-            i64::try_from(meta.body_size).unwrap_or(i64::MAX),
+            i64::try_from(meta.body_len).unwrap_or(i64::MAX),
         ),
-        KeyValue::new("server.address", meta.server_address.to_owned()),
-        KeyValue::new("server.port", i64::from(meta.server_port)),
+        KeyValue::new("server.address", server.address.to_owned()),
+        KeyValue::new("server.port", i64::from(server.port)),
     ]);
-    if let Some(id) = meta.message_id {
-        attributes.push(KeyValue::new("messaging.message.id", id.to_owned()));
+    if let Some(id) = meta.properties.message_id() {
+        attributes.push(KeyValue::new("messaging.message.id", id.to_string()));
     }
-    if let Some(id) = meta.correlation_id {
+    if let Some(id) = meta.properties.correlation_id() {
         attributes.push(KeyValue::new(
             "messaging.message.conversation_id",
-            id.to_owned(),
+            id.to_string(),
         ));
     }
     if !meta.exchange.is_empty() {

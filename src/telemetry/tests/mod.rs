@@ -5,7 +5,10 @@
 use hyper::HeaderMap;
 use lapin::types::FieldTable;
 
-use crate::telemetry::trace::{DeliveryMeta, HttpTarget, MessageTrace};
+use lapin::BasicProperties;
+
+use crate::headers::DeliveryInfo;
+use crate::telemetry::trace::{HttpTarget, MessageTrace, Server};
 
 mod config;
 mod log_level;
@@ -14,19 +17,39 @@ mod otlp_export;
 mod span_batch;
 mod trace_spans;
 
-/// A delivery of `orders` (through `shop`, key `order.created`) carrying `headers`.
-fn meta(headers: Option<&FieldTable>) -> DeliveryMeta<'_> {
-    DeliveryMeta {
+/// The node the test deliveries come from.
+const SERVER: Server<'static> = Server {
+    address: "rabbit-1",
+    port: 5672,
+};
+
+/// A delivery of `orders` (through `shop`, key `order.created`, tag 42, message id `msg-1`,
+/// correlation id `corr-9`) carrying `headers`. Its properties are leaked: a test's few bytes,
+/// for a description that borrows them as the consumer's does.
+fn meta(headers: Option<&FieldTable>) -> DeliveryInfo<'static> {
+    with_props(
+        BasicProperties::default()
+            .with_message_id("msg-1".into())
+            .with_correlation_id("corr-9".into()),
+        headers,
+    )
+}
+
+/// [`meta`] with `props` (and `headers`, if any) as the message's properties.
+fn with_props(props: BasicProperties, headers: Option<&FieldTable>) -> DeliveryInfo<'static> {
+    let props = match headers {
+        Some(h) => props.with_headers(h.clone()),
+        None => props,
+    };
+    DeliveryInfo {
         queue: "orders",
         exchange: "shop",
         routing_key: "order.created",
         delivery_tag: 42,
-        message_id: Some("msg-1"),
-        correlation_id: Some("corr-9"),
-        body_size: 123,
-        server_address: "rabbit-1",
-        server_port: 5672,
-        headers,
+        redelivered: false,
+        attempt: 1,
+        properties: Box::leak(Box::new(props)),
+        body_len: 123,
     }
 }
 

@@ -7,14 +7,16 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::headers::DeliveryInfo;
 use crate::telemetry::setup::{LogFormat, SHUTDOWN_GRACE, Telemetry};
-use crate::telemetry::trace::{DeliveryMeta, HttpTarget, MessageTrace};
+use crate::telemetry::trace::{HttpTarget, MessageTrace, Server};
 use bytes::{BufMut as _, Bytes, BytesMut};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{HeaderMap, Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
@@ -139,18 +141,24 @@ fn one_delivery() {
         "traceparent".into(),
         AMQPValue::LongString(LongString::from(format!("00-{TRACE_ID}-{PARENT_ID}-01"))),
     );
-    let trace = MessageTrace::start(&DeliveryMeta {
+    let props = BasicProperties::default()
+        .with_message_id("m-1".into())
+        .with_headers(headers);
+    let delivery = DeliveryInfo {
         queue: "orders",
         exchange: "",
         routing_key: "orders",
         delivery_tag: 7,
-        message_id: Some("m-1"),
-        correlation_id: None,
-        body_size: 3,
-        server_address: "127.0.0.1",
-        server_port: 5672,
-        headers: Some(&headers),
-    });
+        redelivered: false,
+        attempt: 1,
+        properties: &props,
+        body_len: 3,
+    };
+    let server = Server {
+        address: "127.0.0.1",
+        port: 5672,
+    };
+    let trace = MessageTrace::start(&delivery, server);
     assert!(trace.exporting());
     let mut call = trace.dispatch_span(&HttpTarget::new(
         "POST",
