@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -14,8 +13,8 @@ struct RestartGuard;
 
 impl Drop for RestartGuard {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl").arg("start_app").output();
-        let _ = Command::new("rabbitmqctl")
+        let _ = rabbitmqctl_command().arg("start_app").output();
+        let _ = rabbitmqctl_command()
             .args(["await_startup", "--timeout", "60"])
             .output();
     }
@@ -31,7 +30,7 @@ async fn broker_restart(quorum: bool) {
     let qtype = if quorum { "quorum" } else { "classic" };
     let sidecar = Sidecar::spawn(&[
         "--amqp-url",
-        AMQP,
+        amqp(),
         "--queue",
         &queue,
         "--target-url",

@@ -11,11 +11,10 @@ use std::time::{Duration, Instant};
 use common::proxy::{Mode, Proxy};
 use common::*;
 
-const BROKER: &str = "127.0.0.1:5672";
 const HEARTBEAT: Duration = Duration::from_secs(2);
 
 fn broker_addr() -> SocketAddr {
-    BROKER.parse().unwrap()
+    amqp_addr().parse().unwrap()
 }
 
 fn losses(m: &str) -> f64 {

@@ -101,7 +101,7 @@ async fn the_process_span_continues_the_producers_trace_and_the_app_gets_a_child
     let mut sidecar = Sidecar::spawn_env(
         &[
             "--amqp-url",
-            AMQP,
+            amqp(),
             "--queue",
             &queue,
             "--target-url",
