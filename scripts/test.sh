@@ -8,8 +8,8 @@ scripts/test-deps.sh
 scripts/ensure-broker.sh
 profile=default
 [ "${CI:-}" = "true" ] && profile=ci
-cargo nextest run --profile "$profile" -E 'not binary(/^disruptive/)'
-cargo nextest run --profile "$profile" -E 'binary(/^disruptive/)'
+cargo nextest run --profile "$profile" -E 'not test(/^disruptive/)'
+cargo nextest run --profile "$profile" -E 'test(/^disruptive/)'
 scripts/ensure-broker.sh
 # The benchmark's quick mode proves the benchmark works (its figures come from
 # scripts/bench.sh in release mode); the dev profile reuses the test build.

@@ -576,12 +576,27 @@ pub fn free_port() -> u16 {
 
 // ---------------------------------------------------------------- sidecar
 
+/// A sidecar under test: the binary as a child process ([`Sidecar::spawn`]), for what only a
+/// process has (signals, exit codes, kill -9, its own environment), or `rabbit_sidecar::run` inside
+/// the test process ([`Sidecar::start`]), which every other test uses: no process to start, the
+/// same admin server, log lines in the same kind of file.
 pub struct Sidecar {
-    pub child: Child,
+    run: Run,
     pub admin: SocketAddr,
     pub log: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
+
+enum Run {
+    Process(Child),
+    InProcess {
+        shutdown: tokio_util::sync::CancellationToken,
+        thread: Option<std::thread::JoinHandle<u8>>,
+    },
+}
+
+/// The log filter both kinds of sidecar run with.
+const TEST_LOG: &str = "info,rabbit_sidecar=debug";
 
 impl Sidecar {
     /// Starts the sidecar binary with `args` (plus `--listen` on a free port).
@@ -598,7 +613,7 @@ impl Sidecar {
         let child = Command::new(env!("CARGO_BIN_EXE_rabbit-sidecar"))
             .args(args)
             .args(["--listen", &admin.to_string()])
-            .env("RUST_LOG", "info,rabbit_sidecar=debug")
+            .env("RUST_LOG", TEST_LOG)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
@@ -606,15 +621,97 @@ impl Sidecar {
             .spawn()
             .expect("the sidecar binary starts");
         Sidecar {
-            child,
+            run: Run::Process(child),
             admin,
             log,
             _dir: dir,
         }
     }
 
+    /// Runs the sidecar in this process: the command line parsed as the binary parses it, the
+    /// configuration read with `env` as the only environment, `run` on a runtime and thread of
+    /// its own, its telemetry scoped to that thread and writing to the log file.
+    pub fn start(args: &[&str]) -> Sidecar {
+        Self::start_env(args, &[])
+    }
+
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Sidecar {
+        use rabbit_sidecar::cli::{self, Invocation};
+        use rabbit_sidecar::config::Layers;
+        use rabbit_sidecar::telemetry::Telemetry;
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let admin = listener.local_addr().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("sidecar.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let mut vars: HashMap<String, String> =
+            HashMap::from([("RUST_LOG".into(), TEST_LOG.into())]);
+        vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let lookup = move |name: &str| vars.get(name).cloned();
+
+        let argv = std::iter::once("rabbit-sidecar").chain(args.iter().copied());
+        let Ok(Invocation::Run(flags)) = cli::parse(argv.map(Into::into)) else {
+            panic!("not a run of the sidecar: {args:?}");
+        };
+        let config = Layers::collect(flags, &lookup)
+            .and_then(|l| l.build())
+            .unwrap_or_else(|e| panic!("configuration error: {e}"));
+        let (telemetry, dispatch) =
+            Telemetry::build_with_writer(config.log_format, &lookup, std::sync::Mutex::new(file))
+                .expect("telemetry");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let stop = shutdown.clone();
+        let thread = std::thread::Builder::new()
+            .name("sidecar".into())
+            .spawn(move || {
+                let _scope = tracing::dispatcher::set_default(&dispatch);
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    let result = rabbit_sidecar::run(config, listener, stop).await;
+                    telemetry.shutdown().await;
+                    match result {
+                        Ok(()) => 0,
+                        Err(rabbit_sidecar::RunError::Topology(e)) => {
+                            tracing::error!(error = %e, "stopping: topology conflict");
+                            78
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "stopping");
+                            1
+                        }
+                    }
+                })
+            })
+            .unwrap();
+        Sidecar {
+            run: Run::InProcess {
+                shutdown,
+                thread: Some(thread),
+            },
+            admin,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// The child's process id; only a spawned sidecar has one.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        match &self.run {
+            Run::Process(child) => child.id(),
+            Run::InProcess { .. } => panic!("an in-process sidecar has no pid: use Sidecar::spawn"),
+        }
+    }
+
+    /// Whether the sidecar is still running.
+    pub fn running(&mut self) -> bool {
+        match &mut self.run {
+            Run::Process(child) => child.try_wait().unwrap().is_none(),
+            Run::InProcess { thread, .. } => thread.as_ref().is_some_and(|t| !t.is_finished()),
+        }
     }
 
     pub fn logs(&self) -> String {
@@ -651,7 +748,10 @@ impl Sidecar {
     /// The child's scheduler state from `/proc` ("R", "S", ... or "Z" once it exited and was not
     /// yet reaped), for failure messages: an empty log from a dead process reads differently.
     pub fn process_state(&self) -> String {
-        std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+        let Run::Process(child) = &self.run else {
+            return "in-process".into();
+        };
+        std::fs::read_to_string(format!("/proc/{}/stat", child.id()))
             .ok()
             .and_then(|s| {
                 s.rsplit_once(") ")
@@ -677,20 +777,40 @@ impl Sidecar {
         eventually(timeout, || async { self.metric(series).await == want }).await
     }
 
+    /// Sends `sig` to a spawned sidecar; an in-process one takes TERM and INT as the binary's
+    /// signal handler does (the shutdown token), and nothing else.
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
+        match &self.run {
+            Run::Process(child) => {
+                let ok = Command::new("kill")
+                    .args([&format!("-{sig}"), &child.id().to_string()])
+                    .status()
+                    .unwrap();
+                assert!(ok.success());
+            }
+            Run::InProcess { shutdown, .. } if sig == "TERM" || sig == "INT" => shutdown.cancel(),
+            Run::InProcess { .. } => panic!("SIG{sig} needs a process: use Sidecar::spawn"),
+        }
     }
 
-    /// Waits for the process to exit, at most `timeout`.
+    /// Waits for the sidecar to exit, at most `timeout`. An in-process run's result reads as the
+    /// binary's exit code would.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        use std::os::unix::process::ExitStatusExt as _;
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return Some(s);
+            match &mut self.run {
+                Run::Process(child) => {
+                    if let Some(s) = child.try_wait().unwrap() {
+                        return Some(s);
+                    }
+                }
+                Run::InProcess { thread, .. } => {
+                    if thread.as_ref().is_some_and(|t| t.is_finished()) {
+                        let code = thread.take().unwrap().join().unwrap_or(101);
+                        return Some(ExitStatus::from_raw(i32::from(code) << 8));
+                    }
+                }
             }
             if Instant::now() >= deadline {
                 return None;
@@ -709,9 +829,16 @@ impl Sidecar {
 
 impl Drop for Sidecar {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        match &mut self.run {
+            Run::Process(child) => {
+                if let Ok(None) = child.try_wait() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
+            // Not joined: its drain may wait for answers from an app that runs on the test's own
+            // runtime, which a join here would block. The process ends with the test.
+            Run::InProcess { shutdown, .. } => shutdown.cancel(),
         }
     }
 }

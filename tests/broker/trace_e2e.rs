@@ -3,8 +3,6 @@
 //! app receives a `traceparent` of the same trace naming the sidecar's CLIENT span, and a
 //! dead-lettered copy carries the context on.
 
-mod common;
-
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,7 +20,7 @@ use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use prost::Message as _;
 use std::sync::{Arc, Mutex};
 
-use common::*;
+use crate::common::*;
 
 const TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
 const PARENT_ID: &str = "b7ad6b7169203331";
@@ -98,7 +96,7 @@ async fn the_process_span_continues_the_producers_trace_and_the_app_gets_a_child
     let app = App::start().await;
     app.answer(|r| if r.id() == "poison" { 400 } else { 200 });
     let url = app.url();
-    let mut sidecar = Sidecar::spawn_env(
+    let mut sidecar = Sidecar::start_env(
         &[
             "--amqp-url",
             amqp(),

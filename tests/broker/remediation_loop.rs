@@ -23,8 +23,6 @@
 //!
 //! Only the test's own processes are stopped, so this is not a disruptive test.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,8 +30,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::monitoring::{Alertmanager, Process, Prometheus, repo};
-use common::*;
+use crate::common::monitoring::{Alertmanager, Process, Prometheus, repo};
+use crate::common::*;
 use serde_yaml::Value;
 
 /// How much faster than shipped the alerts' `for:` and Alertmanager's route timings run.

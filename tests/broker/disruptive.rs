@@ -1,12 +1,10 @@
 //! Faults that disturb the shared broker (stopping its application). These run on their own,
 //! after the other tests and one at a time (see `scripts/test.sh` and `.config/nextest.toml`).
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 /// Starts the broker application again even if the test fails half-way.
 struct RestartGuard;
@@ -28,7 +26,7 @@ async fn broker_restart(quorum: bool) {
     app.set_delay(Duration::from_millis(10));
     let url = app.url();
     let qtype = if quorum { "quorum" } else { "classic" };
-    let sidecar = Sidecar::spawn(&[
+    let sidecar = Sidecar::start(&[
         "--amqp-url",
         amqp(),
         "--queue",

@@ -6,14 +6,12 @@
 //!
 //! Needs `/usr/bin/prometheus` (Debian package `prometheus`); fails saying so when it is missing.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use common::monitoring::{Prometheus, repo};
-use common::*;
+use crate::common::monitoring::{Prometheus, repo};
+use crate::common::*;
 use serde_json::Value;
 
 /// A template variable's selection, as a Grafana user makes it.
@@ -254,7 +252,7 @@ async fn dashboards_and_rules_work_against_a_real_prometheus() {
         "--app-probe-interval",
         "200ms",
     ];
-    let sidecars = [Sidecar::spawn(&flags), Sidecar::spawn(&flags)];
+    let sidecars = [Sidecar::start(&flags), Sidecar::start(&flags)];
     for sidecar in &sidecars {
         sidecar.wait_ready(Duration::from_secs(20)).await;
     }

@@ -5,14 +5,12 @@
 //! retry, bounded the same way (never a loop); a slow answer within the timeout is an ack; a huge
 //! 2xx body is acked without being read.
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -117,7 +115,7 @@ async fn hangs_resets_slow_answers_and_huge_bodies_each_keep_the_promise() {
     let (addr, server) = raw_app(seen.clone()).await;
     let url = format!("http://{addr}/");
     // The common fast flags (100ms retry backoff, 200ms app probe, ...) plus this test's own.
-    let sidecar = Sidecar::spawn(&args(
+    let sidecar = Sidecar::start(&args(
         &queue,
         &url,
         &[

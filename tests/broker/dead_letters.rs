@@ -9,12 +9,10 @@
 //! only after its copy was confirmed, and loses nothing when killed with -9; a dry run moves
 //! nothing; `purge` wants `--yes`; the consumer's configuration applies and no password is printed.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::*;
+use crate::common::*;
 use lapin::BasicProperties;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -535,7 +533,7 @@ async fn after_an_outage_the_dead_letters_are_replayed_to_the_recovered_app() {
     let app = App::start().await;
     app.answer(|_| 503);
     let url = app.url();
-    let sidecar = Sidecar::spawn(&args(
+    let sidecar = Sidecar::start(&args(
         &queue,
         &url,
         &["--queue-type", "quorum", "--max-deliveries", "2"],

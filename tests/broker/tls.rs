@@ -3,14 +3,12 @@
 //! `--tls-ca-file` and a client certificate (mutual TLS) and consumes; with the wrong CA it fails
 //! clearly (logged, `connect_failures_total` moves, `/readyz` 503 with a reason), not by hanging.
 
-mod common;
-
 use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
-use common::node::{Cookie, Node, free_port_pair, inside, tempdir};
-use common::*;
+use crate::common::node::{Cookie, Node, free_port_pair, inside, tempdir};
+use crate::common::*;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -149,7 +147,7 @@ async fn amqps_with_mutual_tls_consumes_and_a_wrong_ca_fails_clearly() {
 
     // The wrong CA: the server's certificate is refused, clearly and quickly.
     let args = base(&wrong_ca_file);
-    let bad = Sidecar::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let bad = Sidecar::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(
         eventually(Duration::from_secs(15), || async {
             bad.metric("rabbit_sidecar_connect_failures_total").await >= 2.0
@@ -173,7 +171,7 @@ async fn amqps_with_mutual_tls_consumes_and_a_wrong_ca_fails_clearly() {
 
     // The right CA and a client certificate: connected over TLS, everything consumed.
     let args = base(&ca_file);
-    let good_sidecar = Sidecar::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let good_sidecar = Sidecar::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     good_sidecar.wait_ready(Duration::from_secs(20)).await;
     assert!(
         eventually(Duration::from_secs(20), || async {

@@ -4,11 +4,9 @@
 //! a dead port. Failures that are not usage errors have codes of their own: unusable
 //! OpenTelemetry settings 78, an admin address that cannot be bound 71.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const EX_USAGE: i32 = 64;
 const EX_UNAVAILABLE: i32 = 69;
@@ -463,7 +461,7 @@ async fn healthcheck_exits_0_against_a_live_sidecar_and_1_against_a_dead_port() 
     broker.track(&queue);
     let app = App::start().await;
     let url = app.url();
-    let sidecar = Sidecar::spawn(&declared(&queue, &url, &[]));
+    let sidecar = Sidecar::start(&declared(&queue, &url, &[]));
     sidecar.wait_ready(Duration::from_secs(20)).await;
     let healthz = format!("http://{}/healthz", sidecar.admin);
     let r = run(&["healthcheck", "--url", &healthz], &[]).await;

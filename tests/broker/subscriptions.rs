@@ -2,11 +2,9 @@
 //! matching messages; two subscriptions reach different app paths; a conflicting declaration
 //! stops start-up with a clear error; deleting one subscription's queue leaves the other consuming.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use lapin::options::{
     BasicPublishOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeleteOptions,
 };
@@ -50,7 +48,7 @@ async fn topic_bindings_route_only_matching_messages() {
     broker.track(&queue);
     let app = App::start().await;
     let url = app.url();
-    let sidecar = Sidecar::spawn(&declared(
+    let sidecar = Sidecar::start(&declared(
         &queue,
         &url,
         &[
@@ -93,7 +91,7 @@ async fn topic_bindings_route_only_matching_messages() {
 
     // Starting again with the same declarations is fine (idempotent).
     drop(sidecar);
-    let again = Sidecar::spawn(&declared(
+    let again = Sidecar::start(&declared(
         &queue,
         &url,
         &[
@@ -146,7 +144,7 @@ path = "/payments"
             amqp = amqp()
         ),
     );
-    let sidecar = Sidecar::spawn(&["--config", &config]);
+    let sidecar = Sidecar::start(&["--config", &config]);
     sidecar.wait_ready(Duration::from_secs(20)).await;
     publish_to(&broker, &exchange, "order.created", "o1").await;
     publish_to(&broker, &exchange, "payment.done", "p1").await;
@@ -223,7 +221,7 @@ async fn a_missing_queue_fails_readiness_for_that_subscription_only() {
             amqp = amqp()
         ),
     );
-    let sidecar = Sidecar::spawn(&["--config", &config]);
+    let sidecar = Sidecar::start(&["--config", &config]);
     broker.publish(&present, b"here", Default::default()).await;
     assert!(
         eventually(Duration::from_secs(15), || async { app.count() == 1 }).await,
@@ -266,7 +264,7 @@ async fn a_conflicting_declaration_stops_start_up_with_a_clear_error() {
         .unwrap();
     let app = App::start().await;
     let url = app.url();
-    let mut sidecar = Sidecar::spawn(&declared(
+    let mut sidecar = Sidecar::start(&declared(
         &queue,
         &url,
         &[
@@ -297,7 +295,7 @@ async fn a_conflicting_declaration_stops_start_up_with_a_clear_error() {
     // A queue declared as quorum, then asked for as classic.
     let queue2 = unique("conflict-q");
     broker.declare(&queue2, true, false).await;
-    let mut sidecar = Sidecar::spawn(&declared(&queue2, &url, &[]));
+    let mut sidecar = Sidecar::start(&declared(&queue2, &url, &[]));
     let status = sidecar
         .wait_exit(Duration::from_secs(20))
         .await
@@ -328,7 +326,7 @@ async fn the_app_gate_pauses_every_subscription_sharing_the_app() {
             amqp = amqp()
         ),
     );
-    let sidecar = Sidecar::spawn(&["--config", &config]);
+    let sidecar = Sidecar::start(&["--config", &config]);
     sidecar.wait_ready(Duration::from_secs(20)).await;
     app.down();
     broker.publish(&a, b"a1", Default::default()).await;

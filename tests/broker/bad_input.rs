@@ -4,12 +4,10 @@
 //! every body byte for byte, every message is settled, the queues end empty, and the sidecar stays
 //! live and ready.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use lapin::BasicProperties;
 use lapin::types::{
     AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString, ShortString,
@@ -124,7 +122,7 @@ async fn all_delivered_intact(
         "no redelivery"
     );
     assert!(
-        sidecar.child.try_wait().unwrap().is_none(),
+        sidecar.running(),
         "the sidecar is still running; logs:\n{}",
         sidecar.logs()
     );
@@ -144,7 +142,7 @@ async fn bodies_of_any_bytes_arrive_byte_for_byte() {
     broker.track(&queue);
     let app = App::start().await;
     let url = app.url();
-    let mut sidecar = Sidecar::spawn(&args(&queue, &url, &[]));
+    let mut sidecar = Sidecar::start(&args(&queue, &url, &[]));
     sidecar.wait_ready(Duration::from_secs(20)).await;
     let sent: Vec<(String, Vec<u8>)> = vec![
         ("empty".into(), Vec::new()),
@@ -182,7 +180,7 @@ async fn headers_of_every_amqp_type_are_mapped_or_left_out_never_fatal() {
     broker.track(&queue);
     let app = App::start().await;
     let url = app.url();
-    let mut sidecar = Sidecar::spawn(&args(&queue, &url, &[]));
+    let mut sidecar = Sidecar::start(&args(&queue, &url, &[]));
     sidecar.wait_ready(Duration::from_secs(20)).await;
 
     let nested = table(vec![
@@ -349,7 +347,7 @@ async fn garbage_trace_context_is_ignored() {
     broker.track(&queue);
     let app = App::start().await;
     let url = app.url();
-    let mut sidecar = Sidecar::spawn(&args(&queue, &url, &[]));
+    let mut sidecar = Sidecar::start(&args(&queue, &url, &[]));
     sidecar.wait_ready(Duration::from_secs(20)).await;
     let s = |v: &str| AMQPValue::LongString(v.into());
     let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -493,7 +491,7 @@ async fn attempt_counters_of_the_wrong_type_count_as_zero() {
         }
     });
     let url = app.url();
-    let mut sidecar = Sidecar::spawn(&args(&queue, &url, &["--max-deliveries", "3"]));
+    let mut sidecar = Sidecar::start(&args(&queue, &url, &["--max-deliveries", "3"]));
     sidecar.wait_ready(Duration::from_secs(20)).await;
     let s = |v: &str| AMQPValue::LongString(v.into());
     let cases: Vec<(&str, &str, AMQPValue)> = vec![
@@ -625,7 +623,7 @@ async fn attempt_counters_of_the_wrong_type_count_as_zero() {
             .map(|c| c.0),
         Some(0)
     );
-    assert!(sidecar.child.try_wait().unwrap().is_none(), "still running");
+    assert!(sidecar.running(), "still running");
     sidecar.wait_ready(Duration::from_secs(5)).await;
     broker.cleanup().await;
 }

@@ -4,12 +4,10 @@
 //! delivery-ack timeout warning show in the metrics, `/status` has its documented shape and never
 //! leaks a password, and the admin server shrugs off bad requests.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::*;
+use crate::common::*;
 use rabbit_sidecar::telemetry::metrics::{
     CancelReason, DeadLetterReason, HandlerOutcome, LossReason, RetryReason,
 };
@@ -85,7 +83,7 @@ async fn promtool_accepts_a_live_scrape_after_acks_retries_and_dead_letters() {
         _ => 200,
     });
     let url = app.url();
-    let sidecar = Sidecar::spawn(&args(&queue, &url, &["--max-deliveries", "2"]));
+    let sidecar = Sidecar::start(&args(&queue, &url, &["--max-deliveries", "2"]));
     sidecar.wait_ready(Duration::from_secs(20)).await;
     broker.publish_n(&queue, 5, "ok").await;
     let now = SystemTime::now()
@@ -151,7 +149,7 @@ async fn every_family_and_known_label_value_exists_at_zero_on_the_first_scrape()
     broker.track(&queue);
     let app = App::start().await;
     let url = app.url();
-    let sidecar = Sidecar::spawn(&args(&queue, &url, &[]));
+    let sidecar = Sidecar::start(&args(&queue, &url, &[]));
     // The very first scrape that answers: possibly before the broker connection is up.
     let first = std::sync::Mutex::new(None);
     assert!(
@@ -330,7 +328,7 @@ async fn probes_answer_in_milliseconds_while_every_slot_is_taken() {
     let app = App::start().await;
     app.set_delay(Duration::from_secs(60));
     let url = app.url();
-    let sidecar = Sidecar::spawn(&args(
+    let sidecar = Sidecar::start(&args(
         &queue,
         &url,
         &[
@@ -397,7 +395,7 @@ async fn handler_timeouts_are_retried_then_dead_lettered_and_liveness_holds() {
     let app = App::start().await;
     app.set_delay(Duration::from_secs(60));
     let url = app.url();
-    let sidecar = Sidecar::spawn(&args(
+    let sidecar = Sidecar::start(&args(
         &queue,
         &url,
         &["--handler-timeout", "300ms", "--max-deliveries", "2"],
@@ -528,7 +526,7 @@ async fn a_message_near_the_delivery_ack_timeout_is_warned_about_once() {
     let app = App::start().await;
     app.set_delay(Duration::from_secs(60));
     let url = app.url();
-    let sidecar = Sidecar::spawn(&args(
+    let sidecar = Sidecar::start(&args(
         &queue,
         &url,
         &[
@@ -739,7 +737,7 @@ async fn the_admin_server_refuses_bad_requests_and_keeps_serving() {
     broker.track(&queue);
     let app = App::start().await;
     let url = app.url();
-    let sidecar = Sidecar::spawn(&args(&queue, &url, &[]));
+    let sidecar = Sidecar::start(&args(&queue, &url, &[]));
     sidecar.wait_ready(Duration::from_secs(20)).await;
     // Let the queue poll report this consumer before taking the baseline.
     assert!(
@@ -851,7 +849,7 @@ async fn message_age_is_observed_only_for_messages_with_a_timestamp() {
     broker.track(&queue);
     let app = App::start().await;
     let url = app.url();
-    let sidecar = Sidecar::spawn(&args(&queue, &url, &[]));
+    let sidecar = Sidecar::start(&args(&queue, &url, &[]));
     sidecar.wait_ready(Duration::from_secs(20)).await;
     let ql = q(&queue);
     let now = SystemTime::now()

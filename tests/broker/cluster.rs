@@ -5,13 +5,11 @@
 //! or the queue's leader, moves the work on and loses nothing. The nodes are stopped and their
 //! directories removed at the end, also when the test fails.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::node::{Cookie, Node};
-use common::*;
+use crate::common::node::{Cookie, Node};
+use crate::common::*;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -157,7 +155,7 @@ async fn connected_node(sidecar: &Sidecar) -> Option<String> {
 }
 
 fn spawn(queue: &str, urls: &str, app: &App) -> Sidecar {
-    Sidecar::spawn(&[
+    Sidecar::start(&[
         "--amqp-url",
         urls,
         "--queue",

@@ -990,7 +990,7 @@ async fn kubernetes_delete_pod_uses_the_service_account_token() {
 
 #[test]
 fn the_compose_example_configuration_is_valid() {
-    let text = include_str!("../deploy/compose/remediate.toml");
+    let text = include_str!("../../deploy/compose/remediate.toml");
     // The secret file exists only in the container; read the token from a variable instead.
     let text = text.replace(
         "token_file = \"/run/secrets/remediate-token\"",

@@ -3,12 +3,10 @@
 //! single active consumer, drain on SIGTERM, failover to the second node. Each also checks that
 //! `/metrics` tells what happened.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 #[tokio::test]
 async fn acks_on_2xx_and_maps_headers() {
@@ -17,7 +15,7 @@ async fn acks_on_2xx_and_maps_headers() {
     broker.track(&queue);
     let app = App::start().await;
     let url = app.url();
-    let sidecar = Sidecar::spawn(&args(&queue, &url, &[]));
+    let sidecar = Sidecar::start(&args(&queue, &url, &[]));
     sidecar.wait_ready(Duration::from_secs(20)).await;
     let ids = broker.publish_n(&queue, 50, "m").await;
     assert!(
@@ -83,7 +81,7 @@ async fn a_backlog_many_times_the_prefetch_is_drained_whole() {
     let ids = broker.publish_n(&queue, 600, "b").await;
     let app = App::start().await;
     let url = app.url();
-    let sidecar = Sidecar::spawn(&args(
+    let sidecar = Sidecar::start(&args(
         &queue,
         &url,
         &["--prefetch", "128", "--concurrency", "64"],
@@ -121,7 +119,7 @@ async fn a_400_is_dead_lettered_at_once_with_reasons() {
     let app = App::start().await;
     app.answer(|r| if r.id() == "poison" { 400 } else { 200 });
     let url = app.url();
-    let sidecar = Sidecar::spawn(&args(&queue, &url, &[]));
+    let sidecar = Sidecar::start(&args(&queue, &url, &[]));
     sidecar.wait_ready(Duration::from_secs(20)).await;
     broker
         .publish(
@@ -194,7 +192,7 @@ async fn retries_then_dead_letters(quorum: bool) {
     );
     let i = a.iter().position(|x| *x == "classic").unwrap();
     a[i] = qtype;
-    let sidecar = Sidecar::spawn(&a);
+    let sidecar = Sidecar::start(&a);
     sidecar.wait_ready(Duration::from_secs(20)).await;
     broker.publish(&queue, b"bad", Default::default()).await;
     broker.publish_n(&queue, 5, "ok").await;
@@ -284,7 +282,7 @@ async fn app_down_pauses_consuming_and_loses_nothing() {
     broker.track(&queue);
     let mut app = App::start().await;
     let url = app.url();
-    let sidecar = Sidecar::spawn(&args(&queue, &url, &[]));
+    let sidecar = Sidecar::start(&args(&queue, &url, &[]));
     sidecar.wait_ready(Duration::from_secs(20)).await;
     app.down();
     let ids = broker.publish_n(&queue, 20, "d").await;
@@ -591,7 +589,7 @@ async fn sigterm_drains_in_flight_messages_and_exits_0() {
     let app = App::start().await;
     app.set_delay(Duration::from_millis(1500));
     let url = app.url();
-    let mut sidecar = Sidecar::spawn(&args(
+    let mut sidecar = Sidecar::start(&args(
         &queue,
         &url,
         &[
@@ -644,7 +642,7 @@ async fn sigterm_grace_deadline_returns_unfinished_messages() {
     let app = App::start().await;
     app.set_delay(Duration::from_secs(30));
     let url = app.url();
-    let mut sidecar = Sidecar::spawn(&args(
+    let mut sidecar = Sidecar::start(&args(
         &queue,
         &url,
         &["--concurrency", "3", "--shutdown-grace", "1s"],
@@ -689,7 +687,7 @@ async fn a_down_first_node_fails_over_to_the_second() {
     );
     let mut a = args(&queue, &url, &[]);
     a[1] = &dead;
-    let sidecar = Sidecar::spawn(&a);
+    let sidecar = Sidecar::start(&a);
     sidecar.wait_ready(Duration::from_secs(20)).await;
     broker.publish_n(&queue, 3, "n").await;
     assert!(eventually(Duration::from_secs(10), || async { app.count() == 3 }).await);

@@ -6,15 +6,13 @@
 //! `RABBIT_SIDECAR_CHAOS=long` runs the long chaos version; `RABBIT_SIDECAR_CHAOS_SEED=<n>`
 //! replays a schedule. See `docs/chaos.md`.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use rand::rngs::StdRng;
@@ -513,7 +511,7 @@ async fn a_memory_alarm_holds_dead_letters_until_it_clears_and_loses_none() {
     let url = app.url();
 
     let alarm = WatermarkGuard::raise_alarm();
-    let sidecar = Sidecar::spawn(&[
+    let sidecar = Sidecar::start(&[
         "--amqp-url",
         amqp(),
         "--queue",
@@ -640,7 +638,7 @@ async fn retry_restart(quorum: bool) {
         }
     });
     let url = app.url();
-    let sidecar = Sidecar::spawn(&[
+    let sidecar = Sidecar::start(&[
         "--amqp-url",
         amqp(),
         "--queue",

@@ -2,14 +2,12 @@
 //! in-test TCP proxy (`tests/common/proxy.rs`). Only the sidecar's own connections are disturbed,
 //! so these run beside the other tests.
 
-mod common;
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::proxy::{Mode, Proxy};
-use common::*;
+use crate::common::proxy::{Mode, Proxy};
+use crate::common::*;
 
 const HEARTBEAT: Duration = Duration::from_secs(2);
 
@@ -30,7 +28,7 @@ fn losses(m: &str) -> f64 {
 }
 
 fn spawn(queue: &str, urls: &str, app: &App) -> Sidecar {
-    Sidecar::spawn(&[
+    Sidecar::start(&[
         "--amqp-url",
         urls,
         "--queue",
