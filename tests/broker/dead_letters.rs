@@ -49,6 +49,8 @@ fn command(args: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
             cmd.env_remove(name);
         }
     }
+    // The broker under test, unless a test names another (a flag, or this variable in `env`).
+    cmd.env("RABBIT_SIDECAR_AMQP_URL", amqp());
     cmd.arg("dead-letters")
         .args(args)
         .envs(env.iter().copied())
@@ -57,8 +59,8 @@ fn command(args: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
     cmd
 }
 
-/// `rabbit-sidecar dead-letters ARGS` with `env` (no inherited `RABBIT_SIDECAR_*`); it must exit
-/// within 60 seconds.
+/// `rabbit-sidecar dead-letters ARGS` with `env` (no inherited `RABBIT_SIDECAR_*` but the broker
+/// under test's URL); it must exit within 60 seconds.
 async fn dl(args: &[&str], env: &[(&str, &str)]) -> Run {
     let out = tokio::time::timeout(Duration::from_secs(60), command(args, env).output())
         .await
