@@ -97,9 +97,7 @@ async fn ensure(
         // A non-replicated queue whose node is down (in a cluster, the node this sidecar first
         // declared it on). It exists, so consuming goes on: copies that cannot reach it are not
         // confirmed, and their originals are held and requeued until the node is back.
-        Err(e)
-            if reply_code(&e) == Some(404) && e.to_string().contains("is down or inaccessible") =>
-        {
+        Err(e) if reply_code(&e) == Some(404) && node_down(&e) => {
             tracing::warn!(queue = name, error = %e, "the queue's node is down; consuming anyway, copies to it wait until it is back");
             return Ok(());
         }
@@ -112,6 +110,13 @@ async fn ensure(
         }
     }
     declare(connection, name, arguments).await
+}
+
+/// Whether a 404 says the queue exists but its node is down: RabbitMQ 3.x says "home node … is
+/// down or inaccessible", 4.x "queue … process is stopped by supervisor".
+fn node_down(e: &lapin::Error) -> bool {
+    let text = e.to_string();
+    text.contains("is down or inaccessible") || text.contains("process is stopped by supervisor")
 }
 
 async fn declare(

@@ -226,7 +226,7 @@ async fn an_amqp_password_is_never_echoed() {
 
     // A password the broker refuses: `check` fails, and says so without repeating it.
     let wrong = "Wr0ng-pa55-Qx";
-    let url = format!("amqp://guest:{wrong}@127.0.0.1:5672/%2f");
+    let url = format!("amqp://guest:{wrong}@{}/%2f", amqp_addr());
     let r = run(
         &[
             "check",
@@ -245,7 +245,11 @@ async fn an_amqp_password_is_never_echoed() {
         !r.stderr.contains(wrong) && !r.stdout.contains(wrong),
         "{r:?}"
     );
-    assert!(r.stdout.contains("broker 127.0.0.1:5672: FAILED"), "{r:?}");
+    assert!(
+        r.stdout
+            .contains(&format!("broker {}: FAILED", amqp_addr())),
+        "{r:?}"
+    );
 }
 
 #[tokio::test]
@@ -291,7 +295,7 @@ async fn check_passes_with_an_existing_queue_and_a_running_app() {
         &[
             "check",
             "--amqp-url",
-            AMQP,
+            amqp(),
             "--queue",
             &queue,
             "--target-url",
@@ -308,7 +312,10 @@ async fn check_passes_with_an_existing_queue_and_a_running_app() {
             .any(|l| l.starts_with(prefix) && l.contains(rest))
     };
     assert!(has("configuration: ok", &queue), "{r:?}");
-    assert!(has("broker 127.0.0.1:5672", "connected"), "{r:?}");
+    assert!(
+        has(&format!("broker {}", amqp_addr()), "connected"),
+        "{r:?}"
+    );
     assert!(has(&format!("queue {queue:?}"), "exists, 2 ready"), "{r:?}");
     assert!(has(&format!("app {url}"), "reachable"), "{r:?}");
     assert!(
@@ -343,7 +350,7 @@ async fn check_exits_69_when_the_queue_is_missing() {
         &[
             "check",
             "--amqp-url",
-            AMQP,
+            amqp(),
             "--queue",
             &queue,
             "--target-url",
@@ -368,7 +375,7 @@ async fn check_exits_69_when_the_queue_is_missing() {
         &[
             "check",
             "--amqp-url",
-            AMQP,
+            amqp(),
             "--queue",
             &queue,
             "--target-url",
@@ -398,7 +405,7 @@ async fn check_exits_69_when_the_app_or_the_broker_is_unreachable() {
         &[
             "check",
             "--amqp-url",
-            AMQP,
+            amqp(),
             "--queue",
             &queue,
             "--target-url",

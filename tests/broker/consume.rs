@@ -680,7 +680,11 @@ async fn a_down_first_node_fails_over_to_the_second() {
     broker.track(&queue);
     let app = App::start().await;
     let url = app.url();
-    let dead = format!("amqp://guest:guest@127.0.0.1:{}/%2f,{AMQP}", free_port());
+    let dead = format!(
+        "amqp://guest:guest@127.0.0.1:{}/%2f,{}",
+        free_port(),
+        amqp()
+    );
     let mut a = args(&queue, &url, &[]);
     a[1] = &dead;
     let sidecar = Sidecar::start(&a);
@@ -688,7 +692,7 @@ async fn a_down_first_node_fails_over_to_the_second() {
     broker.publish_n(&queue, 3, "n").await;
     assert!(eventually(Duration::from_secs(10), || async { app.count() == 3 }).await);
     let status = sidecar.get("/status").await.unwrap().1;
-    assert!(status.contains("127.0.0.1:5672"), "{status}");
+    assert!(status.contains(amqp_addr()), "{status}");
     assert!(!status.contains("guest:guest"), "no credentials in /status");
     assert!(
         sidecar
@@ -710,16 +714,17 @@ async fn a_down_first_node_fails_over_to_the_second() {
 /// With `--management-url`, active/standby comes from the broker's own view of the consumers.
 #[tokio::test]
 async fn management_api_tells_active_from_standby() {
-    let management = "http://guest:guest@127.0.0.1:15672";
+    let management = management_url();
     let reachable = eventually(Duration::from_secs(30), || async {
-        tokio::net::TcpStream::connect("127.0.0.1:15672")
+        tokio::net::TcpStream::connect(management_addr())
             .await
             .is_ok()
     })
     .await;
     assert!(
         reachable,
-        "the management plugin must be enabled (scripts/ensure-broker.sh enables it)"
+        "the management plugin must be enabled ({} enables it)",
+        broker_script()
     );
     let broker = Broker::connect().await;
     let queue = unique("mgmt");

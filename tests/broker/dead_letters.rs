@@ -18,7 +18,6 @@ use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use serde_json::Value;
 
-const MANAGEMENT: &str = "http://guest:guest@127.0.0.1:15672";
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 struct Run {
@@ -50,6 +49,8 @@ fn command(args: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
             cmd.env_remove(name);
         }
     }
+    // The broker under test, unless a test names another (a flag, or this variable in `env`).
+    cmd.env("RABBIT_SIDECAR_AMQP_URL", amqp());
     cmd.arg("dead-letters")
         .args(args)
         .envs(env.iter().copied())
@@ -58,8 +59,8 @@ fn command(args: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
     cmd
 }
 
-/// `rabbit-sidecar dead-letters ARGS` with `env` (no inherited `RABBIT_SIDECAR_*`); it must exit
-/// within 60 seconds.
+/// `rabbit-sidecar dead-letters ARGS` with `env` (no inherited `RABBIT_SIDECAR_*` but the broker
+/// under test's URL); it must exit within 60 seconds.
 async fn dl(args: &[&str], env: &[(&str, &str)]) -> Run {
     let out = tokio::time::timeout(Duration::from_secs(60), command(args, env).output())
         .await
@@ -251,7 +252,7 @@ async fn list_counts_sidecar_and_broker_dead_letters_by_reason_with_examples() {
     let url = app.url();
     let mut sidecar = Sidecar::spawn(&[
         "--amqp-url",
-        AMQP,
+        amqp(),
         "--queue",
         &queue,
         "--target-url",
@@ -356,7 +357,7 @@ async fn list_counts_sidecar_and_broker_dead_letters_by_reason_with_examples() {
         &queue,
         "--json",
         "--management-url",
-        MANAGEMENT,
+        management_url(),
     ])
     .await
     .json();
@@ -570,7 +571,7 @@ async fn after_an_outage_the_dead_letters_are_replayed_to_the_recovered_app() {
         &queue,
         "--json",
         "--management-url",
-        MANAGEMENT,
+        management_url(),
     ])
     .await
     .json();
@@ -658,7 +659,7 @@ async fn listing_often_loses_nothing(limit: i64, lists: usize, management: bool)
     }
     let mut args = vec!["list", "--queue", &queue, "--json"];
     if management {
-        args.extend(["--management-url", MANAGEMENT]);
+        args.extend(["--management-url", management_url()]);
     }
     let mut refreshed = 0;
     for round in 0..lists {
@@ -903,10 +904,10 @@ async fn the_consumers_configuration_applies_and_no_password_is_printed() {
     .unwrap();
     let file = file.to_str().unwrap();
     // The first node is down: the next is tried, as by the consumer.
-    let nodes = "amqp://guest:guest@127.0.0.1:1/%2f,amqp://guest:guest@127.0.0.1:5672/%2f";
+    let nodes = format!("amqp://guest:guest@127.0.0.1:1/%2f,{}", amqp());
     let env = [
         ("RABBIT_SIDECAR_CONFIG", file),
-        ("RABBIT_SIDECAR_AMQP_URL", nodes),
+        ("RABBIT_SIDECAR_AMQP_URL", nodes.as_str()),
     ];
     let r = dl(&["list", "--queue", &queue, "--json"], &env).await;
     assert_eq!(r.code, 0, "{r:?}");
@@ -917,7 +918,7 @@ async fn the_consumers_configuration_applies_and_no_password_is_printed() {
     assert!(r.stderr.contains("--queue"), "{r:?}");
 
     let secret = "s3cr3t-pa55";
-    let bad = format!("amqp://guest:{secret}@127.0.0.1:5672/%2f");
+    let bad = format!("amqp://guest:{secret}@{}/%2f", amqp_addr());
     let r = dl(&["list", "--queue", &queue, "--amqp-url", &bad], &[]).await;
     assert_eq!(r.code, 69, "{r:?}");
     assert!(
@@ -930,7 +931,7 @@ async fn the_consumers_configuration_applies_and_no_password_is_printed() {
             "--queue",
             &queue,
             "--management-url",
-            &format!("http://guest:{secret}@127.0.0.1:15672"),
+            &format!("http://guest:{secret}@{}", management_addr()),
             "--dry-run",
         ],
         &[("RABBIT_SIDECAR_DEAD_LETTER_QUEUE", &custom_dlq)],

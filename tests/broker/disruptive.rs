@@ -2,7 +2,6 @@
 //! after the other tests and one at a time (see `scripts/test.sh` and `.config/nextest.toml`).
 
 use std::collections::HashSet;
-use std::process::Command;
 use std::time::Duration;
 
 use crate::common::*;
@@ -12,8 +11,8 @@ struct RestartGuard;
 
 impl Drop for RestartGuard {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl").arg("start_app").output();
-        let _ = Command::new("rabbitmqctl")
+        let _ = rabbitmqctl_command().arg("start_app").output();
+        let _ = rabbitmqctl_command()
             .args(["await_startup", "--timeout", "60"])
             .output();
     }
@@ -29,7 +28,7 @@ async fn broker_restart(quorum: bool) {
     let qtype = if quorum { "quorum" } else { "classic" };
     let sidecar = Sidecar::start(&[
         "--amqp-url",
-        AMQP,
+        amqp(),
         "--queue",
         &queue,
         "--target-url",

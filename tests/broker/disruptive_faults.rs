@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,8 +23,8 @@ struct RestartGuard;
 
 impl Drop for RestartGuard {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl").arg("start_app").output();
-        let _ = Command::new("rabbitmqctl")
+        let _ = rabbitmqctl_command().arg("start_app").output();
+        let _ = rabbitmqctl_command()
             .args(["await_startup", "--timeout", "60"])
             .output();
     }
@@ -90,7 +89,7 @@ fn seed() -> u64 {
 fn spawn_sidecar(queue: &str, app: &str) -> Sidecar {
     Sidecar::spawn(&[
         "--amqp-url",
-        AMQP,
+        amqp(),
         "--queue",
         queue,
         "--target-url",
@@ -475,7 +474,7 @@ impl WatermarkGuard {
 
 impl Drop for WatermarkGuard {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
+        let _ = rabbitmqctl_command()
             .args(["set_vm_memory_high_watermark", &self.0])
             .output();
     }
@@ -514,7 +513,7 @@ async fn a_memory_alarm_holds_dead_letters_until_it_clears_and_loses_none() {
     let alarm = WatermarkGuard::raise_alarm();
     let sidecar = Sidecar::start(&[
         "--amqp-url",
-        AMQP,
+        amqp(),
         "--queue",
         &queue,
         "--target-url",
@@ -641,7 +640,7 @@ async fn retry_restart(quorum: bool) {
     let url = app.url();
     let sidecar = Sidecar::start(&[
         "--amqp-url",
-        AMQP,
+        amqp(),
         "--queue",
         &queue,
         "--target-url",

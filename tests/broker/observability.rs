@@ -585,7 +585,7 @@ struct TempUser(String);
 
 impl Drop for TempUser {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
+        let _ = rabbitmqctl_command()
             .args(["delete_user", &self.0])
             .output();
     }
@@ -605,8 +605,9 @@ async fn status_has_its_documented_shape_and_no_secret_leaks_anywhere() {
     let url = app.url();
     // The first node is dead, so the connection failure path (and its error text) is exercised too.
     let nodes = format!(
-        "amqp://{user}:{password}@127.0.0.1:{}/%2f,amqp://{user}:{password}@127.0.0.1:5672/%2f",
-        free_port()
+        "amqp://{user}:{password}@127.0.0.1:{}/%2f,amqp://{user}:{password}@{}/%2f",
+        free_port(),
+        amqp_addr()
     );
     let mut a = args(&queue, &url, &[]);
     a[1] = &nodes;
@@ -642,7 +643,8 @@ async fn status_has_its_documented_shape_and_no_secret_leaks_anywhere() {
     assert_eq!(doc["ready"], true);
     assert_eq!(doc["broker"]["connected"], true);
     assert_eq!(
-        doc["broker"]["node"], "127.0.0.1:5672",
+        doc["broker"]["node"],
+        amqp_addr(),
         "host:port of the node in use: {body}"
     );
     assert_eq!(doc["subscriptions"].as_array().map(Vec::len), Some(1));
@@ -687,7 +689,7 @@ async fn status_has_its_documented_shape_and_no_secret_leaks_anywhere() {
         );
     }
     assert!(
-        sidecar.logs().contains("127.0.0.1:5672"),
+        sidecar.logs().contains(amqp_addr()),
         "logs name the node by host:port"
     );
     drop(sidecar);

@@ -9,11 +9,10 @@ use std::time::{Duration, Instant};
 use crate::common::proxy::{Mode, Proxy};
 use crate::common::*;
 
-const BROKER: &str = "127.0.0.1:5672";
 const HEARTBEAT: Duration = Duration::from_secs(2);
 
 fn broker_addr() -> SocketAddr {
-    BROKER.parse().unwrap()
+    amqp_addr().parse().unwrap()
 }
 
 fn losses(m: &str) -> f64 {

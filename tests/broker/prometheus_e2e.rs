@@ -231,11 +231,12 @@ async fn dashboards_and_rules_work_against_a_real_prometheus() {
     std::fs::write(
         &config,
         format!(
-            "amqp-url = \"{AMQP}\"\ntarget-url = \"{}\"\ndeclare = true\nqueue-type = \"classic\"\n\
+            "amqp-url = \"{amqp}\"\ntarget-url = \"{}\"\ndeclare = true\nqueue-type = \"classic\"\n\
              [[subscription]]\nqueue = \"{}\"\n[[subscription]]\nqueue = \"{}\"\n",
             app.url(),
             queues[0],
-            queues[1]
+            queues[1],
+            amqp = amqp()
         ),
     )
     .unwrap();

@@ -121,7 +121,7 @@ async fn two_subscriptions_reach_different_app_paths_and_survive_each_other() {
         &dir,
         &format!(
             r#"
-amqp-url = "{AMQP}"
+amqp-url = "{amqp}"
 target-url = "{}"
 declare = true
 queue-type = "classic"
@@ -140,7 +140,8 @@ exchange = "{exchange}"
 binding-keys = ["payment.*"]
 path = "/payments"
 "#,
-            app.url()
+            app.url(),
+            amqp = amqp()
         ),
     );
     let sidecar = Sidecar::start(&["--config", &config]);
@@ -215,8 +216,9 @@ async fn a_missing_queue_fails_readiness_for_that_subscription_only() {
     let config = config_file(
         &dir,
         &format!(
-            "amqp-url = \"{AMQP}\"\ntarget-url = \"{}\"\n[[subscription]]\nqueue = \"{present}\"\n[[subscription]]\nqueue = \"{missing}\"\n",
-            app.url()
+            "amqp-url = \"{amqp}\"\ntarget-url = \"{}\"\n[[subscription]]\nqueue = \"{present}\"\n[[subscription]]\nqueue = \"{missing}\"\n",
+            app.url(),
+            amqp = amqp()
         ),
     );
     let sidecar = Sidecar::start(&["--config", &config]);
@@ -319,8 +321,9 @@ async fn the_app_gate_pauses_every_subscription_sharing_the_app() {
     let config = config_file(
         &dir,
         &format!(
-            "amqp-url = \"{AMQP}\"\ntarget-url = \"{}\"\ndeclare = true\nqueue-type = \"classic\"\napp-probe-interval = \"200ms\"\n[[subscription]]\nqueue = \"{a}\"\npath = \"/a\"\n[[subscription]]\nqueue = \"{b}\"\npath = \"/b\"\n",
-            app.url()
+            "amqp-url = \"{amqp}\"\ntarget-url = \"{}\"\ndeclare = true\nqueue-type = \"classic\"\napp-probe-interval = \"200ms\"\n[[subscription]]\nqueue = \"{a}\"\npath = \"/a\"\n[[subscription]]\nqueue = \"{b}\"\npath = \"/b\"\n",
+            app.url(),
+            amqp = amqp()
         ),
     );
     let sidecar = Sidecar::start(&["--config", &config]);

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::common::node::{Cookie, Node, free_port_pair};
+use crate::common::node::{Cookie, Node, free_port_pair, inside, tempdir};
 use crate::common::*;
 use lapin::options::*;
 use lapin::types::FieldTable;
@@ -49,7 +49,8 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqps_with_mutual_tls_consumes_and_a_wrong_ca_fails_clearly() {
-    let certs = tempfile::tempdir().unwrap();
+    // Where the node (run inside the RabbitMQ 4 root on 4) can read its files too.
+    let certs = tempdir();
     let d = certs.path();
     let good = ca("rabbit-sidecar test CA");
     let wrong = ca("some other CA");
@@ -63,11 +64,17 @@ async fn amqps_with_mutual_tls_consumes_and_a_wrong_ca_fails_clearly() {
     let client_key_file = write(d, "client.key", &client_key);
 
     let (tls_port, _) = free_port_pair();
+    let node_path = |p: &str| inside(Path::new(p)).to_string_lossy().into_owned();
+    let (ca_in, cert_in, key_in) = (
+        node_path(&ca_file),
+        node_path(&server_cert_file),
+        node_path(&server_key_file),
+    );
     let conf = format!(
         "listeners.ssl.1 = 127.0.0.1:{tls_port}\n\
-         ssl_options.cacertfile = {ca_file}\n\
-         ssl_options.certfile = {server_cert_file}\n\
-         ssl_options.keyfile = {server_key_file}\n\
+         ssl_options.cacertfile = {ca_in}\n\
+         ssl_options.certfile = {cert_in}\n\
+         ssl_options.keyfile = {key_in}\n\
          ssl_options.verify = verify_peer\n\
          ssl_options.fail_if_no_peer_cert = true\n"
     );

@@ -99,7 +99,7 @@ async fn the_process_span_continues_the_producers_trace_and_the_app_gets_a_child
     let mut sidecar = Sidecar::start_env(
         &[
             "--amqp-url",
-            AMQP,
+            amqp(),
             "--queue",
             &queue,
             "--target-url",

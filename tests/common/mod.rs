@@ -1,12 +1,13 @@
-//! Test harness: the real broker at 127.0.0.1:5672, an in-process HTTP app whose answers a test
-//! programs, and the real sidecar binary as a child process.
+//! Test harness: the real broker (RabbitMQ 3.10 at 127.0.0.1:5672 or RabbitMQ 4 at 127.0.0.1:5673,
+//! see [`rabbit`]), an in-process HTTP app whose answers a test programs, and the real sidecar
+//! binary as a child process.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -22,7 +23,98 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::task::JoinSet;
 
-pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+// ---------------------------------------------------------------- the broker under test
+
+/// Which RabbitMQ the tests run against, from `RABBIT_SIDECAR_TEST_BROKER`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rabbit {
+    /// `rabbitmq3` (the default): the machine's RabbitMQ 3.10 node `rabbit@localhost`, AMQP on
+    /// 127.0.0.1:5672, management on :15672 (scripts/ensure-broker.sh starts it).
+    V3,
+    /// `rabbitmq4`: the RabbitMQ 4 node `rabbit4@localhost` that scripts/rabbitmq4.sh runs in a
+    /// Debian root, AMQP on 127.0.0.1:5673, management on :15673.
+    V4,
+}
+
+/// The environment variable that picks the broker.
+pub const BROKER_ENV: &str = "RABBIT_SIDECAR_TEST_BROKER";
+
+pub fn rabbit() -> Rabbit {
+    static WHICH: LazyLock<Rabbit> = LazyLock::new(|| match std::env::var(BROKER_ENV).as_deref() {
+        Err(_) | Ok("") | Ok("rabbitmq3") => Rabbit::V3,
+        Ok("rabbitmq4") => Rabbit::V4,
+        Ok(other) => panic!("{BROKER_ENV}={other}: expected rabbitmq3 or rabbitmq4"),
+    });
+    *WHICH
+}
+
+/// The broker's AMQP `host:port`.
+pub fn amqp_addr() -> &'static str {
+    match rabbit() {
+        Rabbit::V3 => "127.0.0.1:5672",
+        Rabbit::V4 => "127.0.0.1:5673",
+    }
+}
+
+/// The broker's AMQP URL (guest, default vhost).
+pub fn amqp() -> &'static str {
+    match rabbit() {
+        Rabbit::V3 => "amqp://guest:guest@127.0.0.1:5672/%2f",
+        Rabbit::V4 => "amqp://guest:guest@127.0.0.1:5673/%2f",
+    }
+}
+
+/// The management API's `host:port`.
+pub fn management_addr() -> &'static str {
+    match rabbit() {
+        Rabbit::V3 => "127.0.0.1:15672",
+        Rabbit::V4 => "127.0.0.1:15673",
+    }
+}
+
+/// The management API's URL with guest's credentials.
+pub fn management_url() -> &'static str {
+    match rabbit() {
+        Rabbit::V3 => "http://guest:guest@127.0.0.1:15672",
+        Rabbit::V4 => "http://guest:guest@127.0.0.1:15673",
+    }
+}
+
+/// The broker's Erlang node name.
+pub fn node_name() -> &'static str {
+    match rabbit() {
+        Rabbit::V3 => "rabbit@localhost",
+        Rabbit::V4 => "rabbit4@localhost",
+    }
+}
+
+/// The script that makes sure the broker is up, for messages that tell how to start it.
+pub fn broker_script() -> &'static str {
+    match rabbit() {
+        Rabbit::V3 => "scripts/ensure-broker.sh",
+        Rabbit::V4 => "scripts/rabbitmq4.sh",
+    }
+}
+
+/// The root scripts/rabbitmq4.sh installs RabbitMQ 4 in (`RABBITMQ4_ROOT`, as there).
+pub fn rabbitmq4_root() -> std::path::PathBuf {
+    std::env::var_os("RABBITMQ4_ROOT")
+        .map(Into::into)
+        .unwrap_or_else(|| "/var/lib/rabbit-sidecar/rabbitmq4".into())
+}
+
+/// `rabbitmqctl` for the broker under test, without arguments: the machine's for 3.10,
+/// `scripts/rabbitmq4.sh ctl` (rabbitmqctl -n rabbit4@localhost inside its root) for 4.
+pub fn rabbitmqctl_command() -> Command {
+    match rabbit() {
+        Rabbit::V3 => Command::new("rabbitmqctl"),
+        Rabbit::V4 => {
+            let mut c = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/rabbitmq4.sh"));
+            c.arg("ctl");
+            c
+        }
+    }
+}
 
 /// A name no other test (or earlier run) uses.
 pub fn unique(prefix: &str) -> String {
@@ -61,7 +153,7 @@ where
 pub fn declared<'a>(queue: &'a str, app: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut a = vec![
         "--amqp-url",
-        AMQP,
+        amqp(),
         "--queue",
         queue,
         "--target-url",
@@ -116,13 +208,17 @@ pub struct Broker {
 impl Broker {
     pub async fn connect() -> Broker {
         let conn = Connection::connect(
-            AMQP,
+            amqp(),
             ConnectionProperties::default().with_connection_name("rabbit-sidecar-tests".into()),
         )
         .await
-        .expect(
-            "the test broker at 127.0.0.1:5672 is up (start it with rabbitmq-server -detached)",
-        );
+        .unwrap_or_else(|e| {
+            panic!(
+                "the test broker at {} is up (start it with {}): {e}",
+                amqp_addr(),
+                broker_script()
+            )
+        });
         let ch = conn.create_channel().await.unwrap();
         ch.confirm_select(ConfirmSelectOptions::default())
             .await
@@ -271,9 +367,10 @@ pub fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
         })
 }
 
-/// Runs `rabbitmqctl` with `args`; panics with its output when it fails.
+/// Runs `rabbitmqctl` with `args` against the broker under test; panics with its output when it
+/// fails.
 pub fn rabbitmqctl(args: &[&str]) -> String {
-    let out = Command::new("rabbitmqctl")
+    let out = rabbitmqctl_command()
         .args(args)
         .output()
         .expect("rabbitmqctl runs");
@@ -297,7 +394,7 @@ pub fn close_connections_named(needle: &str) -> usize {
     let mut closed = 0;
     for line in list.lines().filter(|l| l.contains(needle)) {
         if let Some(pid) = line.split_whitespace().next() {
-            let _ = Command::new("rabbitmqctl")
+            let _ = rabbitmqctl_command()
                 .args(["close_connection", pid, "test closes the connection"])
                 .output();
             closed += 1;

@@ -1,15 +1,72 @@
-//! Extra RabbitMQ nodes started by a test, beside the shared `rabbit@localhost`: their own node
-//! name, AMQP and distribution ports, data, log and config in a temporary directory, and an Erlang
-//! cookie of their own in a temporary HOME (shared by the nodes of one cluster and by the CLI that
-//! controls them). Dropping a [`Node`] stops it and removes its directory, also on panic.
+//! Extra RabbitMQ nodes started by a test, beside the shared broker: their own node name, AMQP
+//! and distribution ports, data, log and config in a temporary directory, and an Erlang cookie of
+//! their own in a temporary HOME (shared by the nodes of one cluster and by the CLI that controls
+//! them). Dropping a [`Node`] stops it and removes its directory, also on panic.
+//!
+//! They run the same RabbitMQ as the broker under test ([`super::rabbit`]): the machine's 3.10
+//! installation, or RabbitMQ 4 inside the root scripts/rabbitmq4.sh made (`chroot`), with their
+//! directories under that root's `/tmp` so the node sees them; [`tempdir`] and [`inside`] give a
+//! test files both the test and the node can read.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use super::{Rabbit, rabbit, rabbitmq4_root};
+
 const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
 const CTL: &str = "/usr/lib/rabbitmq/bin/rabbitmqctl";
+
+/// A temporary directory the nodes can read: a plain one for 3.10, one under the RabbitMQ 4
+/// root's `/tmp` for 4.
+pub fn tempdir() -> tempfile::TempDir {
+    match rabbit() {
+        Rabbit::V3 => tempfile::tempdir().unwrap(),
+        Rabbit::V4 => tempfile::tempdir_in(rabbitmq4_root().join("tmp")).unwrap(),
+    }
+}
+
+/// `path` (made by [`tempdir`]) as a node sees it.
+pub fn inside(path: &Path) -> PathBuf {
+    match rabbit() {
+        Rabbit::V3 => path.to_path_buf(),
+        Rabbit::V4 => Path::new("/").join(
+            path.strip_prefix(rabbitmq4_root())
+                .unwrap_or_else(|_| panic!("{} is outside the RabbitMQ 4 root", path.display())),
+        ),
+    }
+}
+
+/// A command running RabbitMQ's `program` (a full path in its installation) with `env`: directly
+/// for 3.10 (in the test's environment), inside the RabbitMQ 4 root for 4 (with only `env` and a
+/// PATH).
+fn rabbitmq_command(program: &str, env: &[(&str, OsString)]) -> Command {
+    match rabbit() {
+        Rabbit::V3 => {
+            let mut c = Command::new(program);
+            c.envs(env.iter().map(|(k, v)| (k, v)));
+            c
+        }
+        Rabbit::V4 => {
+            let mut c = Command::new("chroot");
+            c.arg(rabbitmq4_root())
+                .arg("/usr/bin/env")
+                .arg("-i")
+                .arg("PATH=/usr/sbin:/usr/bin:/sbin:/bin")
+                .arg("LANG=C.UTF-8");
+            for (k, v) in env {
+                let mut kv = OsString::from(k);
+                kv.push("=");
+                kv.push(v);
+                c.arg(kv);
+            }
+            c.arg(program);
+            c
+        }
+    }
+}
 
 /// A HOME with an Erlang cookie: nodes sharing it can cluster, and the CLI can reach them.
 pub struct Cookie {
@@ -18,7 +75,7 @@ pub struct Cookie {
 
 impl Cookie {
     pub fn new() -> Cookie {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempdir();
         let cookie: String = (0..32)
             .map(|_| (b'A' + rand::random_range(0..26u8)) as char)
             .collect();
@@ -76,8 +133,9 @@ impl Node {
             N.fetch_add(1, Ordering::Relaxed)
         );
         let (amqp_port, dist_port) = free_port_pair();
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempdir();
         let d = dir.path();
+        let n = inside(d);
         let mut config = conf.replace("{AMQP_PORT}", &amqp_port.to_string());
         if !config.contains("listeners.tcp") {
             config.push_str(&format!("\nlisteners.tcp.1 = 127.0.0.1:{amqp_port}\n"));
@@ -85,16 +143,25 @@ impl Node {
         config.push_str("loopback_users = none\n");
         std::fs::write(d.join("rabbitmq.conf"), config).unwrap();
         std::fs::write(d.join("enabled_plugins"), "[].\n").unwrap();
+        // An empty rabbitmq-env.conf: the installation's (the RabbitMQ 4 root's names the shared
+        // node and its ports) must not apply.
+        std::fs::write(d.join("rabbitmq-env.conf"), "").unwrap();
         let log = std::fs::File::create(d.join("console.log")).unwrap();
-        let child = Command::new(SERVER)
-            .env("HOME", cookie.home())
-            .env("RABBITMQ_NODENAME", &name)
-            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
-            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
-            .env("RABBITMQ_LOG_BASE", d.join("log"))
-            .env("RABBITMQ_PID_FILE", d.join("pid"))
-            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("enabled_plugins"))
-            .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq.conf"))
+        let env: Vec<(&str, OsString)> = vec![
+            ("HOME", inside(cookie.home()).into()),
+            ("RABBITMQ_NODENAME", name.clone().into()),
+            ("RABBITMQ_DIST_PORT", dist_port.to_string().into()),
+            ("RABBITMQ_CONF_ENV_FILE", n.join("rabbitmq-env.conf").into()),
+            ("RABBITMQ_MNESIA_BASE", n.join("mnesia").into()),
+            ("RABBITMQ_LOG_BASE", n.join("log").into()),
+            ("RABBITMQ_PID_FILE", n.join("pid").into()),
+            (
+                "RABBITMQ_ENABLED_PLUGINS_FILE",
+                n.join("enabled_plugins").into(),
+            ),
+            ("RABBITMQ_CONFIG_FILE", n.join("rabbitmq.conf").into()),
+        ];
+        let child = rabbitmq_command(SERVER, &env)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -210,13 +277,15 @@ impl Drop for Node {
 }
 
 pub fn ctl(home: &Path, node: &str, args: &[&str]) -> Result<String, String> {
+    let ctl = rabbitmq_command(CTL, &[("HOME", inside(home).into())]);
     let out = Command::new("timeout")
         .arg("90")
-        .arg(CTL)
+        .arg(ctl.get_program())
+        .args(ctl.get_args())
+        .envs(ctl.get_envs().filter_map(|(k, v)| Some((k, v?))))
         .arg("-n")
         .arg(node)
         .args(args)
-        .env("HOME", home)
         .output()
         .map_err(|e| e.to_string())?;
     if out.status.success() {
