@@ -4,8 +4,10 @@
 use std::fmt::Write;
 
 use crate::app::Prober;
+use crate::broker::facts::QueueFacts;
+use crate::broker::management::Management;
 use crate::broker::{self, topology};
-use crate::config::Config;
+use crate::config::{Config, SubscriptionConfig};
 
 /// Why the check failed; the binary maps it to an exit code (69, `EX_UNAVAILABLE`).
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +49,9 @@ pub async fn check(config: &Config, report: &mut String) -> Result<(), CheckFail
                     "queue {:?}: exists, {ready} ready, {consumers} consumer(s)",
                     sub.queue
                 );
+                if !sub.declare {
+                    delivery_limit(config, sub, report).await;
+                }
             }
             Err(e) if sub.declare => {
                 let _ = writeln!(
@@ -86,5 +91,33 @@ pub async fn check(config: &Config, report: &mut String) -> Result<(), CheckFail
     match failures.is_empty() {
         true => Ok(()),
         false => Err(CheckFailed(failures.join("; "))),
+    }
+}
+
+/// Warns about a delivery limit on a queue the sidecar did not declare (see
+/// [`QueueFacts::warnings`]); says when it could not be checked.
+async fn delivery_limit(config: &Config, sub: &SubscriptionConfig, report: &mut String) {
+    let Some(api) = Management::from_config(config) else {
+        let _ = writeln!(
+            report,
+            "queue {:?}: delivery limit and dead-letter exchange not checked (needs --management-url)",
+            sub.queue
+        );
+        return;
+    };
+    let (facts, unknown) = QueueFacts::learn(Some(api), &sub.queue).await;
+    if let Some(why) = unknown {
+        let _ = writeln!(report, "queue {:?}: WARNING: {why}", sub.queue);
+        return;
+    }
+    let warnings = facts.warnings(&sub.queue, &sub.dead_letter_queue, sub.max_deliveries);
+    if warnings.is_empty() {
+        let limit = facts.limit.map_or("no delivery limit".to_string(), |l| {
+            format!("delivery limit {l}")
+        });
+        let _ = writeln!(report, "queue {:?}: {limit}, ok", sub.queue);
+    }
+    for warning in warnings {
+        let _ = writeln!(report, "queue {:?}: WARNING: {warning}", sub.queue);
     }
 }

@@ -115,16 +115,23 @@ impl RetryReason {
 pub enum DeadLetterReason {
     Rejected,
     MaxDeliveries,
+    /// The queue's delivery limit is reached: one more return (a crash, a lost connection) and
+    /// the broker would remove the message (RabbitMQ's own word for it, `delivery_limit`).
+    DeliveryLimit,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 2] =
-        [DeadLetterReason::Rejected, DeadLetterReason::MaxDeliveries];
+    pub const ALL: [DeadLetterReason; 3] = [
+        DeadLetterReason::Rejected,
+        DeadLetterReason::MaxDeliveries,
+        DeadLetterReason::DeliveryLimit,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             DeadLetterReason::Rejected => "rejected",
             DeadLetterReason::MaxDeliveries => "max_deliveries",
+            DeadLetterReason::DeliveryLimit => "delivery_limit",
         }
     }
 }
@@ -184,10 +191,24 @@ pub fn decide(outcome: Outcome, attempt: u32, limits: &Limits, jitter: f64) -> D
     }
 }
 
-/// Whether a message must be dead-lettered before it is even offered to the app: it has already
-/// been delivered more often than allowed without a decision (the sidecar died holding it).
-pub fn exhausted_on_arrival(attempt: u32, limits: &Limits) -> bool {
-    attempt > limits.max_deliveries
+/// Whether a message must be dead-lettered before it is even offered to the app, and why: it has
+/// already been delivered more often than allowed without a decision (the sidecar died holding
+/// it), or the broker has returned it `returns` times and `delivery_limit` allows no more (the
+/// next crash or lost connection would make the broker remove it, and without a dead-letter
+/// exchange drop it).
+pub fn exhausted_on_arrival(
+    attempt: u32,
+    returns: u64,
+    delivery_limit: Option<u32>,
+    limits: &Limits,
+) -> Option<DeadLetterReason> {
+    if attempt > limits.max_deliveries {
+        Some(DeadLetterReason::MaxDeliveries)
+    } else if delivery_limit.is_some_and(|limit| returns >= u64::from(limit)) {
+        Some(DeadLetterReason::DeliveryLimit)
+    } else {
+        None
+    }
 }
 
 /// `backoff × 2^(attempt-1)`, plus up to 20 % jitter, never above `backoff_max`. Jitter only ever
@@ -294,7 +315,31 @@ mod tests {
 
     #[test]
     fn arrival_guard_bounds_crash_loops() {
-        assert!(!exhausted_on_arrival(3, &LIMITS));
-        assert!(exhausted_on_arrival(4, &LIMITS));
+        assert_eq!(exhausted_on_arrival(3, 0, None, &LIMITS), None);
+        assert_eq!(
+            exhausted_on_arrival(4, 0, None, &LIMITS),
+            Some(DeadLetterReason::MaxDeliveries)
+        );
+    }
+
+    #[test]
+    fn arrival_guard_keeps_a_return_within_the_delivery_limit() {
+        let generous = Limits {
+            max_deliveries: 50,
+            ..LIMITS
+        };
+        // A message returned 19 times survives one more return under a limit of 20; at 20 the
+        // next one would remove it.
+        assert_eq!(exhausted_on_arrival(20, 19, Some(20), &generous), None);
+        assert_eq!(
+            exhausted_on_arrival(21, 20, Some(20), &generous),
+            Some(DeadLetterReason::DeliveryLimit)
+        );
+        assert_eq!(exhausted_on_arrival(21, 20, None, &generous), None);
+        // The attempts bound comes first when both apply.
+        assert_eq!(
+            exhausted_on_arrival(21, 20, Some(20), &LIMITS),
+            Some(DeadLetterReason::MaxDeliveries)
+        );
     }
 }

@@ -13,6 +13,7 @@ use crate::admin::health::{Health, State};
 use crate::admin::{self, Admin};
 use crate::app::{AppGate, Dispatcher, Prober};
 use crate::broker;
+use crate::broker::management::Management;
 use crate::broker::monitor;
 use crate::broker::topology::QueueSpec;
 use crate::config::Config;
@@ -100,6 +101,7 @@ pub async fn run(
         hard_stop: CancellationToken::new(),
         tasks: TaskTracker::new(),
         fatal: Arc::default(),
+        management: Management::from_config(&config),
     };
     let loops: Vec<_> = config
         .subscriptions

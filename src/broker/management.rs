@@ -45,6 +45,17 @@ impl Management {
         }
     }
 
+    /// The API `--management-url` names, asked about the virtual host of the first broker node
+    /// (every node of one configuration serves the same one); `None` without the flag.
+    pub fn from_config(config: &crate::config::Config) -> Option<Management> {
+        let url = config.management_url.as_ref()?;
+        let api = Management::new(url.0.clone());
+        Some(match config.nodes.first() {
+            Some(node) => api.with_vhost(&node.uri.vhost),
+            None => api,
+        })
+    }
+
     /// The same API, asked about the virtual host `vhost` (the default is `/`).
     pub fn with_vhost(mut self, vhost: &str) -> Management {
         self.vhost = path_segment(vhost);

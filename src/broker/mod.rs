@@ -4,6 +4,7 @@
 //! management API ([`management`]).
 
 pub(crate) mod confirm;
+pub(crate) mod facts;
 pub(crate) mod management;
 pub(crate) mod monitor;
 pub(crate) mod session;

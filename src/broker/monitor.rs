@@ -48,7 +48,7 @@ pub async fn run(
         .set(config.consumer_timeout.as_secs_f64());
     let warn_at = config.consumer_timeout.mul_f64(0.8);
     let queues = config.queues();
-    let management = config.management_url.clone().map(|u| Management::new(u.0));
+    let management = Management::from_config(&config);
     let mut fast = tokio::time::interval(Duration::from_secs(1));
     let mut slow = tokio::time::interval(config.queue_poll_interval);
     loop {

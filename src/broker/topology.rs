@@ -225,8 +225,38 @@ fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
 
-/// The arguments `--declare` gives the consumed queue.
+/// The delivery limit `--declare` gives a quorum queue: RabbitMQ 4's default, set explicitly so
+/// that 3.x bounds returns the same way (it has no default).
+pub const DECLARED_DELIVERY_LIMIT: u32 = 20;
+
+/// The arguments `--declare` gives the consumed queue: its type, single active consumer, and a
+/// dead-letter exchange (the default exchange, routing to the dead-letter queue) so that nothing
+/// the broker removes (past a quorum queue's delivery limit, a message TTL, a length limit) is
+/// dropped. A quorum queue gets an explicit delivery limit and at-least-once dead-lettering (a
+/// message is kept until the dead-letter queue has it; RabbitMQ requires `reject-publish`
+/// overflow for that).
 pub fn queue_arguments(spec: &QueueSpec) -> FieldTable {
+    let mut args = earlier_queue_arguments(spec);
+    args.insert("x-dead-letter-exchange".into(), text(""));
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        text(&spec.dead_letter_queue),
+    );
+    if spec.queue_type == QueueType::Quorum {
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(DECLARED_DELIVERY_LIMIT as i32),
+        );
+        args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+        args.insert("x-overflow".into(), text("reject-publish"));
+    }
+    args
+}
+
+/// What earlier versions of the sidecar declared: type and single active consumer only. A queue declared so
+/// is kept (its arguments cannot change), with a warning that says how to give it a dead-letter
+/// exchange by policy.
+fn earlier_queue_arguments(spec: &QueueSpec) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), text(spec.queue_type.as_str()));
     if spec.single_active_consumer {
@@ -252,10 +282,22 @@ pub fn retry_queue_arguments(queue: &str) -> FieldTable {
     retry
 }
 
-/// Makes sure every queue of `spec` exists.
+/// Makes sure every queue of `spec` exists: the dead-letter queue first (the consumed queue's
+/// dead-letter exchange routes to it), then the retry queue, then the consumed queue.
 pub async fn prepare(connection: &Connection, spec: &QueueSpec) -> Result<(), TopologyError> {
+    let mut dead = FieldTable::default();
     if spec.declare {
-        declare(connection, &spec.queue, queue_arguments(spec)).await?;
+        dead.insert("x-queue-type".into(), text(spec.queue_type.as_str()));
+    }
+    ensure(connection, &spec.dead_letter_queue, dead).await?;
+    ensure(
+        connection,
+        &spec.retry_queue,
+        retry_queue_arguments(&spec.queue),
+    )
+    .await?;
+    if spec.declare {
+        declare_consumed(connection, spec).await?;
         if let Some((exchange, kind)) = &spec.exchange {
             declare_exchange_and_bind(connection, spec, exchange, *kind).await?;
         }
@@ -273,16 +315,50 @@ pub async fn prepare(connection: &Connection, spec: &QueueSpec) -> Result<(), To
             }
         }
     }
-    ensure(
-        connection,
-        &spec.retry_queue,
-        retry_queue_arguments(&spec.queue),
-    )
-    .await?;
-    let mut dead = FieldTable::default();
-    if spec.declare {
-        dead.insert("x-queue-type".into(), text(spec.queue_type.as_str()));
-    }
-    ensure(connection, &spec.dead_letter_queue, dead).await?;
     Ok(())
+}
+
+/// Declares the consumed queue. One an earlier release declared (without a dead-letter exchange
+/// and delivery limit) is refused with 406 and kept as it is, with a warning.
+async fn declare_consumed(connection: &Connection, spec: &QueueSpec) -> Result<(), TopologyError> {
+    let refused = match declare(connection, &spec.queue, queue_arguments(spec)).await {
+        Err(e @ TopologyError::Conflict { .. }) => e,
+        other => return other,
+    };
+    if declare(connection, &spec.queue, earlier_queue_arguments(spec))
+        .await
+        .is_err()
+    {
+        return Err(refused);
+    }
+    tracing::warn!(
+        queue = %spec.queue,
+        fix = %dead_letter_policy_command(&spec.queue, &spec.dead_letter_queue),
+        "the queue was declared by an earlier release, without a dead-letter exchange: unless a policy gives it one, a message the broker removes (past a quorum queue's delivery limit) is dropped; its arguments cannot change, a policy can add one"
+    );
+    Ok(())
+}
+
+/// The `rabbitmqctl` command that gives `queue` a dead-letter exchange routing to
+/// `dead_letter_queue` by policy (a queue's own arguments cannot change once declared).
+pub fn dead_letter_policy_command(queue: &str, dead_letter_queue: &str) -> String {
+    let pattern = format!("^{}$", regex_escape(queue));
+    let definition = serde_json::json!({
+        "dead-letter-exchange": "",
+        "dead-letter-routing-key": dead_letter_queue,
+    });
+    format!(
+        "rabbitmqctl set_policy --apply-to queues {queue}-dead-letter '{pattern}' '{definition}'"
+    )
+}
+
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }

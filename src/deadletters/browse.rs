@@ -17,9 +17,9 @@ use lapin::{BasicProperties, Channel};
 
 use super::Failure;
 use super::letter::refresh_properties;
-use super::limit::QueueFacts;
 use super::session::{Session, lost};
 use crate::broker::confirm;
+use crate::broker::facts::QueueFacts;
 use crate::headers::{DELIVERY_COUNT, int_header};
 
 pub struct Browser {

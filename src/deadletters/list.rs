@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 
 use super::browse::Browser;
 use super::letter::{DeadLetter, Source};
-use super::limit::{LimitSource, QueueFacts};
 use super::report::{Example, LimitReport, ListReport, OriginCount, ReasonGroup, rfc3339};
 use super::session::Session;
 use super::{Failure, Outcome, Target};
+use crate::broker::facts::{LimitSource, QueueFacts};
 
 /// Examples kept per reason.
 pub const EXAMPLES: usize = 3;

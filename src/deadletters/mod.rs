@@ -21,7 +21,6 @@
 pub(crate) mod arguments;
 mod browse;
 mod letter;
-mod limit;
 mod list;
 mod purge;
 mod replay;
@@ -172,7 +171,12 @@ mod tests {
             queue: "q".into(),
             dead_letter_queue: "q.dead-letter".into(),
         };
-        let list = list::Summary::default().report(&target, 0, 0, &limit::QueueFacts::assumed());
+        let list = list::Summary::default().report(
+            &target,
+            0,
+            0,
+            &crate::broker::facts::QueueFacts::assumed(),
+        );
         let replay = report::ReplayReport::default();
         let purge = report::PurgeReport {
             dead_letter_queue: String::new(),

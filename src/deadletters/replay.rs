@@ -32,10 +32,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::browse::Browser;
 use super::letter::{DeadLetter, Source, replay_properties};
-use super::limit::QueueFacts;
 use super::report::ReplayReport;
 use super::session::Session;
 use super::{Failure, Outcome, Target};
+use crate::broker::facts::QueueFacts;
 
 /// A rate limit in messages per second.
 #[derive(Debug, Clone, Copy, PartialEq)]

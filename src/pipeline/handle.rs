@@ -52,8 +52,8 @@ pub(super) async fn handle(
     };
     // Boxed: inline, the whole call's state (HTTP request, timeouts, settlement) would make every
     // task's future several kilobytes, copied each time the task is created and moved.
-    let acked = if received.exhausted {
-        Box::pin(dead_letter_on_arrival(&ctx, &msg)).await
+    let acked = if let Some(reason) = received.exhausted {
+        Box::pin(dead_letter_on_arrival(&ctx, &msg, reason)).await
     } else {
         Box::pin(process(&ctx, &msg, id)).await
     };
@@ -61,12 +61,18 @@ pub(super) async fn handle(
     drop(permit);
 }
 
-/// A message delivered more often than `--max-deliveries` without a decision: consumers died
-/// holding it (it may be what kills them). It is dead-lettered without asking the app.
-async fn dead_letter_on_arrival(ctx: &Ctx, msg: &InHand<'_>) -> bool {
-    let detail =
-        "delivered more often than --max-deliveries without a decision (consumers died holding it)";
-    let reason = DeadLetterReason::MaxDeliveries;
+/// A message delivered more often than `--max-deliveries` without a decision (consumers died
+/// holding it; it may be what kills them), or one the broker would remove at its next return (the
+/// queue's delivery limit). It is dead-lettered without asking the app.
+async fn dead_letter_on_arrival(ctx: &Ctx, msg: &InHand<'_>, reason: DeadLetterReason) -> bool {
+    let detail = match reason {
+        DeadLetterReason::DeliveryLimit => {
+            "returned as often as the queue's delivery limit allows: the next return would remove it"
+        }
+        _ => {
+            "delivered more often than --max-deliveries without a decision (consumers died holding it)"
+        }
+    };
     msg.trace
         .record_decision(Decision::DeadLetter { reason }.as_str(), detail);
     let failure = Failure {

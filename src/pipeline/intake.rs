@@ -17,7 +17,7 @@ use tokio_util::sync::PollSemaphore;
 use super::handle::handle;
 use super::{Ctx, Shared, settle};
 use crate::headers;
-use crate::policy;
+use crate::policy::{self, DeadLetterReason};
 use crate::telemetry::events::{Event, MessageReceived, ReturnReason};
 
 /// How many deliveries that are already waiting the pump takes in one turn: a stop or a tick
@@ -42,8 +42,9 @@ pub(super) struct Received {
     /// The in-flight id health tracks it by.
     pub id: u64,
     pub attempt: u32,
-    /// Delivered more often than `--max-deliveries` allows: dead-lettered without a slot.
-    pub exhausted: bool,
+    /// Delivered more often than `--max-deliveries` allows, or at the queue's delivery limit:
+    /// dead-lettered without a slot, for this reason.
+    pub exhausted: Option<DeadLetterReason>,
 }
 
 /// Runs until the consumer ends, the gate closes or the sidecar shuts down; gives back the
@@ -127,7 +128,7 @@ pub(super) async fn pump(ctx: &Arc<Ctx>, consumer: &mut Consumer) -> Pump {
 fn take(ctx: &Arc<Ctx>, delivery: Delivery, waiting: &mut VecDeque<Box<Received>>) {
     let (sub, shared) = (&ctx.sub, &ctx.shared);
     let received = receive(ctx, delivery);
-    if received.exhausted {
+    if received.exhausted.is_some() {
         // Dead-lettered without asking the app: it needs no slot.
         shared.tasks.spawn(handle(ctx.clone(), received, None));
     } else if waiting.is_empty()
@@ -150,7 +151,9 @@ fn receive(ctx: &Ctx, delivery: Delivery) -> Box<Received> {
     } = ctx;
     let queue = sub.queue();
     let id = sub.next_id.fetch_add(1, Ordering::Relaxed);
-    let prior = headers::prior_attempts(delivery.properties.headers().as_ref());
+    let headers = delivery.properties.headers().as_ref();
+    let prior = headers::prior_attempts(headers);
+    let returns = headers::int_header(headers, headers::DELIVERY_COUNT).unwrap_or(0);
     let attempt = prior.saturating_add(1);
     shared.health.delivered(queue, id);
     MessageReceived {
@@ -165,7 +168,12 @@ fn receive(ctx: &Ctx, delivery: Delivery) -> Box<Received> {
         delivery,
         id,
         attempt,
-        exhausted: policy::exhausted_on_arrival(attempt, &sub.limits),
+        exhausted: policy::exhausted_on_arrival(
+            attempt,
+            returns,
+            sub.delivery_limit(),
+            &sub.limits,
+        ),
     })
 }
 

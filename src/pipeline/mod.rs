@@ -27,7 +27,7 @@ mod session;
 mod settle;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -40,6 +40,7 @@ use tokio_util::task::TaskTracker;
 use self::session::Exit;
 use crate::admin::health::{Health, State};
 use crate::app::{AppGate, Dispatcher};
+use crate::broker::management::Management;
 use crate::broker::topology::QueueSpec;
 use crate::broker::{Session, Sessions, backoff};
 use crate::headers::DeliveryInfo;
@@ -60,6 +61,9 @@ pub(crate) struct Subscription {
     slots: Arc<Semaphore>,
     next_id: AtomicU64,
     prepared_once: AtomicBool,
+    /// The consumed queue's delivery limit as last learned (0: none known), for the arrival
+    /// guard.
+    delivery_limit: AtomicU32,
 }
 
 impl Subscription {
@@ -78,7 +82,20 @@ impl Subscription {
             slots: Arc::new(Semaphore::new(concurrency)),
             next_id: AtomicU64::new(1),
             prepared_once: AtomicBool::new(false),
+            delivery_limit: AtomicU32::new(0),
         }
+    }
+
+    fn delivery_limit(&self) -> Option<u32> {
+        match self.delivery_limit.load(Ordering::Relaxed) {
+            0 => None,
+            limit => Some(limit),
+        }
+    }
+
+    fn set_delivery_limit(&self, limit: Option<u32>) {
+        self.delivery_limit
+            .store(limit.unwrap_or(0), Ordering::Relaxed);
     }
 
     fn queue(&self) -> &str {
@@ -100,6 +117,8 @@ pub(crate) struct Shared {
     /// Set when the configuration cannot work against this broker (a conflicting declaration at
     /// start-up); the supervisor then stops and reports it.
     pub fatal: Arc<std::sync::OnceLock<String>>,
+    /// The management API, when `--management-url` is set: what the broker says about a queue.
+    pub management: Option<Management>,
 }
 
 /// Runs one subscription until shutdown. Handler tasks are spawned on `shared.tasks`; the

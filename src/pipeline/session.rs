@@ -15,8 +15,10 @@ use lapin::{Channel, Consumer};
 use super::intake::{self, Pump};
 use super::{Ctx, Shared, Subscription};
 use crate::admin::health::State;
+use crate::broker::facts::QueueFacts;
 use crate::broker::topology::{self, TopologyError};
 use crate::broker::{self, Session};
+use crate::config::QueueType;
 use crate::headers::QueueHeaders;
 use crate::telemetry::events::{ConsumerStarted, ConsumerStopped, Event, ReturnReason};
 use crate::telemetry::metrics::CancelReason;
@@ -47,7 +49,8 @@ pub(super) async fn consume(
     if let Err(e) = topology::prepare(&session.connection, &sub.spec).await {
         return unprepared(sub, shared, session, e);
     }
-    sub.prepared_once.store(true, Ordering::Relaxed);
+    let first = !sub.prepared_once.swap(true, Ordering::Relaxed);
+    sub.set_delivery_limit(delivery_limit(sub, shared, first).await);
     let ctx = match open(sub, shared, session).await {
         Ok(ctx) => Arc::new(ctx),
         Err(e) => return lost_or(session, e),
@@ -101,6 +104,31 @@ fn unprepared(
         return Exit::Shutdown;
     }
     lost_or(session, error)
+}
+
+/// The consumed queue's delivery limit, for the arrival guard: the one `--declare` gives a quorum
+/// queue; else the broker's word through the management API, else RabbitMQ 4's default assumed
+/// (a classic queue never reports returns, so the guard cannot fire there). On the first session
+/// it also warns about a limit that would drop messages.
+async fn delivery_limit(sub: &Subscription, shared: &Shared, first: bool) -> Option<u32> {
+    let spec = &sub.spec;
+    if spec.declare {
+        return (spec.queue_type == QueueType::Quorum).then_some(topology::DECLARED_DELIVERY_LIMIT);
+    }
+    let (facts, unknown) = QueueFacts::learn(shared.management.clone(), &spec.queue).await;
+    if first {
+        if let Some(why) = unknown {
+            tracing::warn!(queue = %spec.queue, "{why}");
+        }
+        for warning in facts.warnings(
+            &spec.queue,
+            &spec.dead_letter_queue,
+            sub.limits.max_deliveries,
+        ) {
+            tracing::warn!(queue = %spec.queue, "{warning}");
+        }
+    }
+    facts.limit.map(|l| u32::try_from(l).unwrap_or(u32::MAX))
 }
 
 /// Opens the session's channels and gathers what every delivery's task shares.

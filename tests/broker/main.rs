@@ -16,6 +16,7 @@ mod cli;
 mod cluster;
 mod consume;
 mod dead_letters;
+mod delivery_limit;
 mod disruptive;
 mod disruptive_faults;
 mod observability;

@@ -1,4 +1,5 @@
-//! How often a dead letter may still be returned to its queue before the broker drops it.
+//! What the broker says about a queue: its type, delivery limit and dead-letter exchange, and how
+//! often a message may still be returned to it before the broker drops it.
 //!
 //! Reading a queue without removing anything means taking messages unacknowledged and giving
 //! them back, and on a quorum queue every return counts: RabbitMQ (3.10, and 4.0–4.2 measured)
@@ -153,6 +154,39 @@ impl QueueFacts {
     }
 }
 
+impl QueueFacts {
+    /// What is wrong with consuming `queue` under these facts, one sentence each: a quorum queue
+    /// with a delivery limit and no dead-letter exchange drops a message returned past the limit;
+    /// a `--max-deliveries` above the limit is never reached on returns. Nothing when the facts
+    /// are assumed rather than read.
+    pub fn warnings(
+        &self,
+        queue: &str,
+        dead_letter_queue: &str,
+        max_deliveries: u32,
+    ) -> Vec<String> {
+        let mut out = Vec::new();
+        let Some(limit) = self.limit else {
+            return out;
+        };
+        if self.source != LimitSource::Management {
+            return out;
+        }
+        if self.dead_letter_exchange.is_none() {
+            out.push(format!(
+                "queue {queue:?} is a quorum queue with a delivery limit of {limit} and no dead-letter exchange: the broker drops a message returned more often (crashes, lost connections); give it one by policy: {}",
+                crate::broker::topology::dead_letter_policy_command(queue, dead_letter_queue)
+            ));
+        }
+        if u64::from(max_deliveries) > limit {
+            out.push(format!(
+                "--max-deliveries {max_deliveries} is above queue {queue:?}'s delivery limit of {limit}: a message the broker returns that often is removed first (the sidecar dead-letters it on arrival at the limit, reason delivery_limit)"
+            ));
+        }
+        out
+    }
+}
+
 fn major(version: Option<&str>) -> Option<u32> {
     version?.split('.').next()?.parse().ok()
 }
@@ -194,6 +228,39 @@ mod tests {
             "classic queues count no returns"
         );
         assert!(QueueFacts::from_management(&json!({}), None).is_none());
+    }
+
+    #[test]
+    fn a_limit_without_a_dead_letter_exchange_or_below_max_deliveries_is_reported() {
+        let bare = json!({"type": "quorum", "arguments": {}});
+        let f = QueueFacts::from_management(&bare, Some("4.0.5")).unwrap();
+        let w = f.warnings("orders", "orders.dead-letter", 5);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("\"orders\"") && w[0].contains("limit of 20"),
+            "{w:?}"
+        );
+        assert!(w[0].contains("set_policy"), "{w:?}");
+        let w = f.warnings("orders", "orders.dead-letter", 30);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[1].contains("--max-deliveries 30"), "{w:?}");
+
+        let dlx = json!({"type": "quorum", "arguments": {"x-delivery-limit": 10},
+                         "effective_policy_definition": {"dead-letter-exchange": ""}});
+        let f = QueueFacts::from_management(&dlx, Some("3.10.8")).unwrap();
+        assert!(f.warnings("q", "q.dead-letter", 5).is_empty());
+        assert_eq!(f.warnings("q", "q.dead-letter", 11).len(), 1);
+
+        let old = QueueFacts::from_management(&bare, Some("3.10.8")).unwrap();
+        assert!(
+            old.warnings("q", "q.dead-letter", 50).is_empty(),
+            "3.x: no limit"
+        );
+        assert!(
+            QueueFacts::assumed()
+                .warnings("q", "q.dead-letter", 50)
+                .is_empty()
+        );
     }
 
     #[test]
