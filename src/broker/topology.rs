@@ -318,19 +318,16 @@ pub async fn prepare(connection: &Connection, spec: &QueueSpec) -> Result<(), To
     Ok(())
 }
 
-/// Declares the consumed queue. One an earlier release declared (without a dead-letter exchange
-/// and delivery limit) is refused with 406 and kept as it is, with a warning.
+/// Declares the consumed queue. One an earlier version declared (without a dead-letter exchange
+/// and delivery limit) is refused with 406 and kept as it is, with a warning. A queue that
+/// differs in more than that is a conflict, reported with the broker's words about the rest (its
+/// first complaint would only name the dead-letter exchange).
 async fn declare_consumed(connection: &Connection, spec: &QueueSpec) -> Result<(), TopologyError> {
-    let refused = match declare(connection, &spec.queue, queue_arguments(spec)).await {
-        Err(e @ TopologyError::Conflict { .. }) => e,
+    match declare(connection, &spec.queue, queue_arguments(spec)).await {
+        Err(TopologyError::Conflict { .. }) => {}
         other => return other,
-    };
-    if declare(connection, &spec.queue, earlier_queue_arguments(spec))
-        .await
-        .is_err()
-    {
-        return Err(refused);
     }
+    declare(connection, &spec.queue, earlier_queue_arguments(spec)).await?;
     tracing::warn!(
         queue = %spec.queue,
         fix = %dead_letter_policy_command(&spec.queue, &spec.dead_letter_queue),
