@@ -45,6 +45,17 @@ pub(crate) fn retry_stamp(attempts: u32, failure: Failure<'_>) -> FieldTable {
     extra
 }
 
+/// The headers a copy that returns a message to its own queue adds: the attempts spent so far
+/// (the broker's count of returns included, since the copy starts without it).
+pub(crate) fn return_stamp(attempts: u32) -> FieldTable {
+    let mut extra = FieldTable::default();
+    extra.insert(
+        headers::ATTEMPTS.into(),
+        AMQPValue::LongLongInt(i64::from(attempts)),
+    );
+    extra
+}
+
 /// The headers a dead letter adds: why, after how many attempts, how the last one failed, and
 /// where the original came from.
 pub(crate) fn dead_letter_stamp(

@@ -11,11 +11,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::BasicCancelOptions;
-use lapin::{BasicProperties, Channel, Consumer};
+use lapin::{BasicProperties, Consumer};
 use tokio_util::sync::PollSemaphore;
 
 use super::handle::handle;
-use super::{Ctx, Shared, settle};
+use super::{Ctx, settle};
 use crate::headers;
 use crate::policy::{self, DeadLetterReason};
 use crate::telemetry::events::{Event, MessageReceived, ReturnReason};
@@ -116,7 +116,7 @@ pub(super) async fn pump(ctx: &Arc<Ctx>, consumer: &mut Consumer) -> Pump {
     }
     for received in waiting {
         if let Some(why) = why {
-            settle::give_back(shared, sub.queue(), &received.delivery, why, None).await;
+            settle::give_back(ctx, &received.delivery, &received.delivery.data, why, None).await;
         }
         shared.health.settled(sub.queue(), received.id, false);
     }
@@ -178,14 +178,8 @@ fn receive(ctx: &Ctx, delivery: Delivery) -> Box<Received> {
 }
 
 /// Cancels the consumer and gives back what the broker pushed before the cancel took effect.
-pub(super) async fn cancel(
-    shared: &Shared,
-    queue: &str,
-    channel: &Channel,
-    consumer: &mut Consumer,
-    tag: &str,
-    why: ReturnReason,
-) {
+pub(super) async fn cancel(ctx: &Ctx, consumer: &mut Consumer, tag: &str, why: ReturnReason) {
+    let channel = &ctx.consuming;
     if channel.status().connected() {
         let _ = tokio::time::timeout(
             Duration::from_secs(5),
@@ -195,7 +189,7 @@ pub(super) async fn cancel(
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     while let Ok(Some(Ok(delivery))) = tokio::time::timeout_at(deadline, consumer.next()).await {
-        settle::give_back(shared, queue, &delivery, why, None).await;
+        settle::give_back(ctx, &delivery, &delivery.data, why, None).await;
     }
 }
 

@@ -64,6 +64,9 @@ pub(crate) struct Subscription {
     /// The consumed queue's delivery limit as last learned (0: none known), for the arrival
     /// guard.
     delivery_limit: AtomicU32,
+    /// Whether the consumed queue counts returns (a quorum queue), as last learned: messages that
+    /// are not at fault are then returned by copy (see [`settle::give_back`]).
+    counts_returns: AtomicBool,
 }
 
 impl Subscription {
@@ -83,6 +86,7 @@ impl Subscription {
             next_id: AtomicU64::new(1),
             prepared_once: AtomicBool::new(false),
             delivery_limit: AtomicU32::new(0),
+            counts_returns: AtomicBool::new(false),
         }
     }
 
@@ -93,9 +97,15 @@ impl Subscription {
         }
     }
 
-    fn set_delivery_limit(&self, limit: Option<u32>) {
+    fn counts_returns(&self) -> bool {
+        self.counts_returns.load(Ordering::Relaxed)
+    }
+
+    /// What the last preparation learned about the consumed queue.
+    fn learned(&self, quorum: bool, delivery_limit: Option<u32>) {
+        self.counts_returns.store(quorum, Ordering::Relaxed);
         self.delivery_limit
-            .store(limit.unwrap_or(0), Ordering::Relaxed);
+            .store(delivery_limit.unwrap_or(0), Ordering::Relaxed);
     }
 
     fn queue(&self) -> &str {

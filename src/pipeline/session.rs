@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use lapin::Consumer;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Consumer};
 
 use super::intake::{self, Pump};
 use super::{Ctx, Shared, Subscription};
@@ -50,7 +50,7 @@ pub(super) async fn consume(
         return unprepared(sub, shared, session, e);
     }
     let first = !sub.prepared_once.swap(true, Ordering::Relaxed);
-    sub.set_delivery_limit(delivery_limit(sub, shared, first).await);
+    learn_queue(sub, shared, first).await;
     let ctx = match open(sub, shared, session).await {
         Ok(ctx) => Arc::new(ctx),
         Err(e) => return lost_or(session, e),
@@ -106,14 +106,17 @@ fn unprepared(
     lost_or(session, error)
 }
 
-/// The consumed queue's delivery limit, for the arrival guard: the one `--declare` gives a quorum
-/// queue; else the broker's word through the management API, else RabbitMQ 4's default assumed
-/// (a classic queue never reports returns, so the guard cannot fire there). On the first session
-/// it also warns about a limit that would drop messages.
-async fn delivery_limit(sub: &Subscription, shared: &Shared, first: bool) -> Option<u32> {
+/// What the arrival guard and the returns need to know of the consumed queue: whether it counts
+/// returns (a quorum queue) and its delivery limit. For a queue `--declare` made, what it declared;
+/// else the broker's word through the management API; else `--queue-type` and RabbitMQ 4's
+/// default limit (a classic queue never reports returns, so the guard cannot fire there). On the
+/// first session it also warns about a limit that would drop messages.
+async fn learn_queue(sub: &Subscription, shared: &Shared, first: bool) {
     let spec = &sub.spec;
+    let quorum = spec.queue_type == QueueType::Quorum;
     if spec.declare {
-        return (spec.queue_type == QueueType::Quorum).then_some(topology::DECLARED_DELIVERY_LIMIT);
+        sub.learned(quorum, quorum.then_some(topology::DECLARED_DELIVERY_LIMIT));
+        return;
     }
     let (facts, unknown) = QueueFacts::learn(shared.management.clone(), &spec.queue).await;
     if first {
@@ -128,7 +131,14 @@ async fn delivery_limit(sub: &Subscription, shared: &Shared, first: bool) -> Opt
             tracing::warn!(queue = %spec.queue, "{warning}");
         }
     }
-    facts.limit.map(|l| u32::try_from(l).unwrap_or(u32::MAX))
+    let quorum = facts
+        .queue_type
+        .as_deref()
+        .map_or(quorum, |t| t == "quorum");
+    sub.learned(
+        quorum,
+        facts.limit.map(|l| u32::try_from(l).unwrap_or(u32::MAX)),
+    );
 }
 
 /// Opens the session's channels and gathers what every delivery's task shares.
@@ -193,7 +203,6 @@ async fn start(ctx: &Ctx, tag: &str) -> Result<Consumer, lapin::Error> {
 /// the app and start another consumer on the same session.
 async fn stopped(ctx: &Ctx, ended: Pump, consumer: &mut Consumer, tag: &str) -> Option<Exit> {
     let (shared, session, queue) = (&ctx.shared, &ctx.session, ctx.sub.queue());
-    let channel: &Channel = &ctx.consuming;
     // (what the unstarted messages are given back for, why the consumer stopped, what next)
     let (give_back, reason, exit) = match ended {
         Pump::Shutdown => (
@@ -217,7 +226,7 @@ async fn stopped(ctx: &Ctx, ended: Pump, consumer: &mut Consumer, tag: &str) -> 
         Pump::Error(e) => (None, None, Some(lost_or(session, e))),
     };
     if let Some(why) = give_back {
-        intake::cancel(shared, queue, channel, consumer, tag, why).await;
+        intake::cancel(ctx, consumer, tag, why).await;
     }
     ConsumerStopped { queue, reason }.emit(&shared.metrics);
     exit

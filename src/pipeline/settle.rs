@@ -17,6 +17,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use super::copies::{self, Failure, Origin};
 use super::{Ctx, InHand, Shared, emit_about, emit_healthy};
 use crate::broker::confirm;
+use crate::headers;
 use crate::policy::{self, DeadLetterReason, RetryReason};
 use crate::telemetry::events::{
     CopyKind, DeadLettered, Event, MessageAcked, MessageRequeued, RepublishFailed, RetryScheduled,
@@ -154,26 +155,44 @@ async fn not_confirmed(ctx: &Ctx, msg: &InHand<'_>, what: CopyKind, error: &str)
 
 /// Gives a message in a task's hands back to its queue. Returns `false`: it was not acked.
 pub(super) async fn hand_back(ctx: &Ctx, msg: &InHand<'_>, why: ReturnReason) -> bool {
-    give_back(
-        &ctx.shared,
-        ctx.sub.queue(),
-        msg.delivery,
-        why,
-        Some(msg.trace),
-    )
-    .await;
+    give_back(ctx, msg.delivery, msg.body, why, Some(msg.trace)).await;
     false
 }
 
-/// Returns a message to its queue untouched (`basic.nack` with requeue). `trace`: the
-/// delivery's, when it reached a handler task.
+/// Returns a message to its queue without spending an attempt: the message is not at fault. On a
+/// queue that counts returns (quorum: `basic.nack` with requeue raises `x-delivery-count`, which
+/// the sidecar counts as spent attempts and the broker against the delivery limit), a copy that
+/// carries the attempts spent so far goes to the queue's tail and the original is acked once the
+/// copy is confirmed. Otherwise, and when the copy is not confirmed, or it is the copy path that
+/// fails (`CopyNotConfirmed`), `basic.nack` with requeue. `body`: the message's body (a task has
+/// taken it out of the delivery). `trace`: the delivery's, when it reached a handler task.
 pub(super) async fn give_back(
-    shared: &Shared,
-    queue: &str,
+    ctx: &Ctx,
     delivery: &Delivery,
+    body: &[u8],
     why: ReturnReason,
     trace: Option<&MessageTrace<'_>>,
 ) {
+    let (shared, queue) = (&ctx.shared, ctx.sub.queue());
+    if ctx.sub.counts_returns() && why != ReturnReason::CopyNotConfirmed {
+        let prior = headers::prior_attempts(delivery.properties.headers().as_ref());
+        let props =
+            copies::copy_properties(&delivery.properties, copies::return_stamp(prior), None);
+        match confirm::publish(&ctx.publisher, queue, body, props).await {
+            Ok(()) => {
+                let ack = ctx
+                    .consuming
+                    .basic_ack(delivery.delivery_tag, BasicAckOptions::default());
+                if settle(shared, queue, async { ack.await.map(|()| true) }, trace).await {
+                    emit_about(trace, MessageRequeued { queue, why }, &shared.metrics);
+                }
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(queue, error = %error, "the copy returning a message was not confirmed; returning the original instead");
+            }
+        }
+    }
     let nack = delivery.acker.nack(BasicNackOptions {
         requeue: true,
         multiple: false,

@@ -291,3 +291,139 @@ async fn a_queue_it_did_not_declare_is_warned_about_at_start_and_by_check() {
     assert!(quiet, "{}", check(&flags).await.1);
     b.cleanup().await;
 }
+
+/// The app is never told of more attempts than it has seen the message: an attempt is spent
+/// only when the app had the message (and not even then when the app went away while holding
+/// it), never by a return it did not see.
+fn attempts_follow_receipts(app: &App, ids: &[String]) {
+    let received = app.received();
+    for id in ids {
+        let attempts: Vec<u32> = received
+            .iter()
+            .filter(|r| &r.id() == id)
+            .map(|r| r.header("x-amqp-attempt").map_or(1, |a| a.parse().unwrap()))
+            .collect();
+        assert!(!attempts.is_empty(), "{id} reached the app");
+        for (seen, attempt) in attempts.iter().enumerate() {
+            assert!(
+                *attempt <= seen as u32 + 1,
+                "{id}: attempts as the app saw them: {attempts:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn returns_while_the_app_is_down_spend_no_attempt_on_a_quorum_queue() {
+    let b = Broker::connect().await;
+    let queue = unique("limit-app-down");
+    b.track(&queue);
+    let mut app = App::start().await;
+    app.set_delay(Duration::from_millis(300));
+    let url = app.url();
+    // One slot, so most messages wait in the prefetch buffer when the app goes away: those are
+    // given back without the app having seen them.
+    let sidecar = Sidecar::start(&args(
+        &queue,
+        &url,
+        &[
+            "--queue-type",
+            "quorum",
+            "--concurrency",
+            "1",
+            "--prefetch",
+            "20",
+        ],
+    ));
+    sidecar.wait_ready(Duration::from_secs(20)).await;
+    let ids = b.publish_n(&queue, 12, "down").await;
+    let returned = format!(
+        "rabbit_sidecar_nacks_total{{{},requeue=\"true\"}}",
+        q(&queue)
+    );
+    for cycle in 0..2 {
+        let seen = app.count();
+        assert!(
+            eventually(Duration::from_secs(10), || async { app.count() > seen }).await,
+            "cycle {cycle}: the app gets work"
+        );
+        let before = sidecar.metric(&returned).await;
+        app.down();
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                sidecar.metric(&returned).await > before
+            })
+            .await,
+            "cycle {cycle}: unstarted messages are given back"
+        );
+        app.up().await;
+    }
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            let accepted = app.ids();
+            ids.iter().all(|id| accepted.contains(id))
+        })
+        .await,
+        "every message reaches the app: {:?}",
+        app.ids()
+    );
+    attempts_follow_receipts(&app, &ids);
+    assert_eq!(
+        sidecar
+            .metric(
+                &series("rabbit_sidecar_dead_letters_total", &queue)
+                    .replace('}', ",reason=\"max_deliveries\"}")
+            )
+            .await,
+        0.0
+    );
+    drop(sidecar);
+    b.cleanup().await;
+}
+
+#[tokio::test]
+async fn messages_returned_at_shutdown_spend_no_attempt_on_a_quorum_queue() {
+    let b = Broker::connect().await;
+    let queue = unique("limit-shutdown");
+    b.track(&queue);
+    let app = App::start().await;
+    app.set_delay(Duration::from_millis(300));
+    let url = app.url();
+    let flags = [
+        "--queue-type",
+        "quorum",
+        "--concurrency",
+        "1",
+        "--max-deliveries",
+        "1",
+    ];
+    let ids = {
+        let mut sidecar = Sidecar::start(&args(&queue, &url, &flags));
+        sidecar.wait_ready(Duration::from_secs(20)).await;
+        let ids = b.publish_n(&queue, 8, "term").await;
+        assert!(eventually(Duration::from_secs(10), || async { app.count() >= 1 }).await);
+        sidecar.signal("TERM");
+        assert!(sidecar.wait_exit(Duration::from_secs(20)).await.is_some());
+        ids
+    };
+    assert!(
+        app.count() < ids.len(),
+        "some messages were given back unstarted"
+    );
+    // With one attempt allowed, a return that spent one would be dead-lettered on arrival.
+    let sidecar = Sidecar::start(&args(&queue, &url, &flags));
+    sidecar.wait_ready(Duration::from_secs(20)).await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            let accepted = app.ids();
+            ids.iter().all(|id| accepted.contains(id))
+        })
+        .await,
+        "every message reaches the app: {:?}",
+        app.ids()
+    );
+    attempts_follow_receipts(&app, &ids);
+    assert_eq!(b.count(&format!("{queue}.dead-letter")).await, Some((0, 0)));
+    drop(sidecar);
+    b.cleanup().await;
+}
