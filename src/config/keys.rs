@@ -149,7 +149,7 @@ pub const QUEUE_TYPE: Key = Key::text(
     "queue-type",
     Scope::Inherited,
     Is("quorum"),
-    "quorum or classic, used with --declare",
+    "quorum or classic: the type --declare gives the queue; for a queue the sidecar did not declare, its type when the management API cannot tell (a quorum queue counts returns)",
 );
 
 pub const SINGLE_ACTIVE_CONSUMER: Key = Key::switch(
