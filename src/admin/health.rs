@@ -249,11 +249,12 @@ impl Health {
         .unwrap_or_default()
     }
 
-    /// In-flight messages older than `threshold`, each reported once.
-    pub fn take_overdue(&self, threshold: Duration) -> Vec<Overdue> {
+    /// In-flight messages older than their queue's `threshold`, each reported once.
+    pub fn take_overdue(&self, threshold: impl Fn(&str) -> Duration) -> Vec<Overdue> {
         self.with(|i| {
             let mut out = Vec::new();
             for (queue, s) in &mut i.subs {
+                let threshold = threshold(queue);
                 for m in s.in_flight.values_mut() {
                     let age = m.received.elapsed();
                     if !m.warned && age >= threshold {
@@ -491,8 +492,8 @@ mod tests {
         h.delivered("q", 1);
         h.delivered("q", 2);
         assert_eq!(h.in_flight("q"), 2);
-        assert_eq!(h.take_overdue(Duration::ZERO).len(), 2);
-        assert!(h.take_overdue(Duration::ZERO).is_empty());
+        assert_eq!(h.take_overdue(|_| Duration::ZERO).len(), 2);
+        assert!(h.take_overdue(|_| Duration::ZERO).is_empty());
         h.settled("q", 1, true);
         h.settled("q", 2, false);
         assert_eq!(h.in_flight("q"), 0);

@@ -21,6 +21,8 @@
 //! every queue: lapin does not expose the broker's version, and assuming a limit where there is
 //! none costs only that a message browsed 19 times moves to the tail of its queue.
 
+use std::time::Duration;
+
 use serde_json::Value;
 
 use crate::broker::management::Management;
@@ -57,6 +59,10 @@ pub struct QueueFacts {
     pub queue_type: Option<String>,
     pub dead_letter_exchange: Option<String>,
     pub broker_version: Option<String>,
+    /// The queue's own delivery-acknowledgement timeout (`x-consumer-timeout` argument or
+    /// `consumer-timeout` policy, RabbitMQ 3.12+; the lower when both are set), over the broker's
+    /// global one.
+    pub consumer_timeout: Option<Duration>,
 }
 
 impl QueueFacts {
@@ -68,6 +74,7 @@ impl QueueFacts {
             queue_type: None,
             dead_letter_exchange: None,
             broker_version: None,
+            consumer_timeout: None,
         }
     }
 
@@ -103,7 +110,14 @@ impl QueueFacts {
             .or_else(|| policy("dead-letter-exchange"))
             .and_then(Value::as_str)
             .map(str::to_string);
+        let consumer_timeout = [arg("x-consumer-timeout"), policy("consumer-timeout")]
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_u64)
+            .min()
+            .map(Duration::from_millis);
         Some(QueueFacts {
+            consumer_timeout,
             limit,
             source: LimitSource::Management,
             queue_type: Some(queue_type),
@@ -228,6 +242,17 @@ mod tests {
             "classic queues count no returns"
         );
         assert!(QueueFacts::from_management(&json!({}), None).is_none());
+
+        let timed = json!({"type": "classic", "arguments": {"x-consumer-timeout": 60000},
+                           "effective_policy_definition": {"consumer-timeout": 90000}});
+        let f = QueueFacts::from_management(&timed, Some("4.0.5")).unwrap();
+        assert_eq!(f.consumer_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(
+            QueueFacts::from_management(&bare, None)
+                .unwrap()
+                .consumer_timeout,
+            None
+        );
     }
 
     #[test]

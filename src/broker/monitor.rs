@@ -8,6 +8,7 @@
 //! it is the queue's only consumer, holds messages, or received one within the last two poll
 //! intervals; otherwise it is standby.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::health::{Health, State};
 use crate::broker::Sessions;
+use crate::broker::facts::QueueFacts;
 use crate::broker::management::Management;
 use crate::broker::topology;
 use crate::config::Config;
@@ -46,7 +48,9 @@ pub async fn run(
     metrics
         .consumer_timeout
         .set(config.consumer_timeout.as_secs_f64());
-    let warn_at = config.consumer_timeout.mul_f64(0.8);
+    // Each queue's delivery-acknowledgement timeout: its own where the management API tells one,
+    // else --broker-consumer-timeout.
+    let mut timeouts: HashMap<String, Duration> = HashMap::new();
     let queues = config.queues();
     let management = Management::from_config(&config);
     let mut fast = tokio::time::interval(Duration::from_secs(1));
@@ -56,8 +60,9 @@ pub async fn run(
             _ = stop.cancelled() => return,
             _ = fast.tick() => {
                 refresh(&metrics, &health, &queues);
-                for overdue in health.take_overdue(warn_at) {
-                    AckTimeoutWarning { queue: &overdue.queue, age: overdue.age, timeout: config.consumer_timeout }.emit(&metrics);
+                let timeout = |q: &str| timeouts.get(q).copied().unwrap_or(config.consumer_timeout);
+                for overdue in health.take_overdue(|q| timeout(q).mul_f64(0.8)) {
+                    AckTimeoutWarning { queue: &overdue.queue, age: overdue.age, timeout: timeout(&overdue.queue) }.emit(&metrics);
                 }
             }
             _ = slow.tick() => {
@@ -65,6 +70,13 @@ pub async fn run(
                 let Some(session) = session else { continue };
                 for sub in &config.subscriptions {
                     let q = &sub.queue;
+                    if management.is_some() {
+                        let (facts, _) = QueueFacts::learn(management.clone(), q).await;
+                        match facts.consumer_timeout {
+                            Some(t) => timeouts.insert(q.clone(), t),
+                            None => timeouts.remove(q),
+                        };
+                    }
                     let consumers = match topology::inspect(&session.connection, q).await {
                         Ok((ready, consumers)) => {
                             metrics.queue_messages_ready.with_label_values(&[q]).set(i64::from(ready));

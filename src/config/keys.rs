@@ -331,7 +331,7 @@ pub const BROKER_CONSUMER_TIMEOUT: Key = Key::text(
     "broker-consumer-timeout",
     Scope::Process,
     Is("30m"),
-    "The broker's delivery-acknowledgement timeout (consumer_timeout); warn at 80% of it",
+    "The broker's delivery-acknowledgement timeout (consumer_timeout); warn at 80% of it (a queue's own, read with --management-url, wins)",
 );
 
 pub const QUEUE_POLL_INTERVAL: Key = Key::text(

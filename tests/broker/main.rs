@@ -26,3 +26,4 @@ mod remediation_loop;
 mod subscriptions;
 mod tls;
 mod trace_e2e;
+mod versions;

@@ -207,8 +207,13 @@ pub struct Broker {
 
 impl Broker {
     pub async fn connect() -> Broker {
+        Broker::connect_to(amqp()).await
+    }
+
+    /// A connection to `url` (another virtual host of the broker under test, say).
+    pub async fn connect_to(url: &str) -> Broker {
         let conn = Connection::connect(
-            amqp(),
+            url,
             ConnectionProperties::default().with_connection_name("rabbit-sidecar-tests".into()),
         )
         .await
