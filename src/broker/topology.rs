@@ -127,17 +127,23 @@ async fn declare(
     declare_on_fresh_channel(connection, name, false, arguments)
         .await
         .map(|_| ())
-        .map_err(|error| match reply_code(&error) {
-            Some(406) => TopologyError::Conflict {
-                what: "queue",
-                name: name.into(),
-                detail: broker_text(&error),
-            },
-            _ => TopologyError::Broker {
-                queue: name.into(),
-                error,
-            },
-        })
+        .map_err(|error| refused("queue", name, error))
+}
+
+/// A refused declaration of `what` (`queue`, `exchange`) `name`: a 406 is a conflict with what
+/// exists, anything else a broker error.
+fn refused(what: &'static str, name: &str, error: lapin::Error) -> TopologyError {
+    match reply_code(&error) {
+        Some(406) => TopologyError::Conflict {
+            what,
+            name: name.into(),
+            detail: broker_text(&error),
+        },
+        _ => TopologyError::Broker {
+            queue: name.into(),
+            error,
+        },
+    }
 }
 
 /// The broker's own words (`PRECONDITION_FAILED - inequivalent arg 'type' ...`), which name the
@@ -185,17 +191,7 @@ async fn declare_exchange_and_bind(
         )
         .await;
     if let Err(error) = declared {
-        return Err(match reply_code(&error) {
-            Some(406) => TopologyError::Conflict {
-                what: "exchange",
-                name: name.into(),
-                detail: broker_text(&error),
-            },
-            _ => TopologyError::Broker {
-                queue: name.into(),
-                error,
-            },
-        });
+        return Err(refused("exchange", name, error));
     }
     let keys: Vec<&str> = if spec.binding_keys.is_empty() {
         vec![""]

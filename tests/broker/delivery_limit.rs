@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use lapin::BasicProperties;
-use lapin::options::{BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::{BasicGetOptions, BasicNackOptions};
+use lapin::types::AMQPValue;
 
 use crate::common::*;
 
@@ -85,22 +85,14 @@ async fn a_message_returned_past_the_delivery_limit_lands_in_the_dead_letter_que
     let queue = unique("limit-dlx");
     let dlq = format!("{queue}.dead-letter");
     declared_by_the_sidecar(&b, &queue).await;
-    b.publish(
-        &queue,
-        b"returned-often",
-        BasicProperties::default().with_message_id("returned-often".into()),
-    )
-    .await;
+    b.publish_id(&queue, "returned-often").await;
 
     // The reproduction: returned 21 times. The limit keeps it through 20 returns; the
     // 21st takes it out of the queue, into the dead-letter queue rather than nowhere.
     let returned = nack_returns(&b, &queue, LIMIT + 5).await;
     assert_eq!(returned, LIMIT + 1, "the limit allows {LIMIT} returns");
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            b.count(&dlq).await.is_some_and(|(ready, _)| ready == 1)
-        })
-        .await,
+        b.wait_ready_count(&dlq, 1, Duration::from_secs(10)).await,
         "the message is in {dlq}"
     );
     assert_eq!(b.count(&queue).await, Some((0, 0)));
@@ -121,12 +113,7 @@ async fn the_sidecar_dead_letters_a_message_at_the_delivery_limit_on_arrival() {
     let queue = unique("limit-arrival");
     let dlq = format!("{queue}.dead-letter");
     declared_by_the_sidecar(&b, &queue).await;
-    b.publish(
-        &queue,
-        b"at-limit",
-        BasicProperties::default().with_message_id("at-limit".into()),
-    )
-    .await;
+    b.publish_id(&queue, "at-limit").await;
     // Returned as often as the limit allows: the next return (a crash, a lost connection) would
     // remove it.
     assert_eq!(nack_returns(&b, &queue, LIMIT).await, LIMIT);
@@ -160,12 +147,7 @@ async fn the_sidecar_dead_letters_a_message_at_the_delivery_limit_on_arrival() {
         "the message at the limit is not offered to the app"
     );
     drop(sidecar);
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            b.count(&dlq).await.is_some_and(|(ready, _)| ready == 1)
-        })
-        .await
-    );
+    assert!(b.wait_ready_count(&dlq, 1, Duration::from_secs(10)).await);
     let letters = b.drain(&dlq).await;
     assert_eq!(letters[0].0, b"at-limit");
     assert_eq!(
@@ -217,25 +199,16 @@ async fn check(args: &[&str]) -> (i32, String) {
 async fn a_queue_it_did_not_declare_is_warned_about_at_start_and_by_check() {
     let b = Broker::connect().await;
     let queue = unique("limit-foreign");
-    b.track(&queue);
     // A quorum queue with a limit (explicit here, so 3.10 has one too) and no dead-letter
     // exchange, declared by someone else.
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    arguments.insert("x-delivery-limit".into(), AMQPValue::LongInt(10));
-    b.ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        arguments,
+    b.declare_with(
+        &queue,
+        &[
+            ("x-queue-type", AMQPValue::LongString("quorum".into())),
+            ("x-delivery-limit", AMQPValue::LongInt(10)),
+        ],
     )
-    .await
-    .unwrap();
+    .await;
     let app = App::start().await;
     let url = app.url();
     let flags = [
@@ -359,11 +332,7 @@ async fn returns_while_the_app_is_down_spend_no_attempt_on_a_quorum_queue() {
         app.up().await;
     }
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            let accepted = app.ids();
-            ids.iter().all(|id| accepted.contains(id))
-        })
-        .await,
+        app.received_all(&ids, Duration::from_secs(30)).await,
         "every message reaches the app: {:?}",
         app.ids()
     );
@@ -414,11 +383,7 @@ async fn messages_returned_at_shutdown_spend_no_attempt_on_a_quorum_queue() {
     let sidecar = Sidecar::start(&args(&queue, &url, &flags));
     sidecar.wait_ready(Duration::from_secs(20)).await;
     assert!(
-        eventually(Duration::from_secs(20), || async {
-            let accepted = app.ids();
-            ids.iter().all(|id| accepted.contains(id))
-        })
-        .await,
+        app.received_all(&ids, Duration::from_secs(20)).await,
         "every message reaches the app: {:?}",
         app.ids()
     );

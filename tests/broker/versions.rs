@@ -3,8 +3,7 @@
 
 use std::time::Duration;
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::AMQPValue;
 
 use crate::common::*;
 
@@ -12,24 +11,15 @@ use crate::common::*;
 async fn a_queues_own_consumer_timeout_is_the_one_warned_about() {
     let b = Broker::connect().await;
     let queue = unique("own-timeout");
-    b.track(&queue);
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("classic".into()),
-    );
     // 4 s: far below --broker-consumer-timeout's 30 minutes.
-    arguments.insert("x-consumer-timeout".into(), AMQPValue::LongInt(4_000));
-    b.ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        arguments,
+    b.declare_with(
+        &queue,
+        &[
+            ("x-queue-type", AMQPValue::LongString("classic".into())),
+            ("x-consumer-timeout", AMQPValue::LongInt(4_000)),
+        ],
     )
-    .await
-    .unwrap();
+    .await;
     let app = App::start().await;
     app.set_delay(Duration::from_secs(60));
     let url = app.url();
@@ -94,12 +84,8 @@ async fn a_virtual_host_whose_default_queue_type_is_quorum_works_for_both_types(
         b.publish_n(&queue, 1, &format!("bad-{queue_type}")).await;
         let dlq = format!("{queue}.dead-letter");
         assert!(
-            eventually(Duration::from_secs(15), || async {
-                let got = app.ids();
-                ids.iter().all(|id| got.contains(id))
-                    && b.count(&dlq).await.is_some_and(|(ready, _)| ready == 1)
-            })
-            .await,
+            app.received_all(&ids, Duration::from_secs(15)).await
+                && b.wait_ready_count(&dlq, 1, Duration::from_secs(15)).await,
             "{queue_type} queue in a quorum-default vhost: {:?}\n{}",
             app.ids(),
             sidecar.logs()

@@ -243,15 +243,12 @@ impl Broker {
         c.push(format!("{queue}.dead-letter"));
     }
 
-    pub async fn declare(&self, queue: &str, quorum: bool, single_active: bool) {
+    /// Declares `queue` (durable) with `arguments`, as someone other than the sidecar would.
+    pub async fn declare_with(&self, queue: &str, arguments: &[(&str, AMQPValue)]) {
         self.track(queue);
         let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString(if quorum { "quorum" } else { "classic" }.into()),
-        );
-        if single_active {
-            args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        for (name, value) in arguments {
+            args.insert((*name).into(), value.clone());
         }
         self.ch
             .queue_declare(
@@ -264,6 +261,33 @@ impl Broker {
             )
             .await
             .unwrap();
+    }
+
+    /// Publishes one message whose body and message id are `id`.
+    pub async fn publish_id(&self, queue: &str, id: &str) {
+        self.publish(
+            queue,
+            id.as_bytes(),
+            BasicProperties::default().with_message_id(id.into()),
+        )
+        .await;
+    }
+
+    /// Waits up to `timeout` for `queue` to hold `ready` ready messages.
+    pub async fn wait_ready_count(&self, queue: &str, ready: u32, timeout: Duration) -> bool {
+        eventually(timeout, || async {
+            self.count(queue).await.is_some_and(|(r, _)| r == ready)
+        })
+        .await
+    }
+
+    pub async fn declare(&self, queue: &str, quorum: bool, single_active: bool) {
+        let kind = if quorum { "quorum" } else { "classic" };
+        let mut arguments = vec![("x-queue-type", AMQPValue::LongString(kind.into()))];
+        if single_active {
+            arguments.push(("x-single-active-consumer", AMQPValue::Boolean(true)));
+        }
+        self.declare_with(queue, &arguments).await;
     }
 
     pub async fn publish(&self, queue: &str, body: &[u8], props: BasicProperties) {
@@ -477,6 +501,15 @@ impl App {
     /// Ids answered 2xx by the app at least once.
     pub fn ids(&self) -> Vec<String> {
         self.received().iter().map(Received::id).collect()
+    }
+
+    /// Waits up to `timeout` for the app to have received every one of `ids`.
+    pub async fn received_all(&self, ids: &[String], timeout: Duration) -> bool {
+        eventually(timeout, || async {
+            let got = self.ids();
+            ids.iter().all(|id| got.contains(id))
+        })
+        .await
     }
 
     /// Stops listening and drops every open connection: the app is down.
