@@ -27,6 +27,7 @@
 
 mod baseline;
 mod failover;
+mod outage;
 mod rig;
 
 use std::collections::HashMap;
@@ -1020,6 +1021,13 @@ async fn run(opts: Opts) -> Result<(), String> {
         add_ratios(&mut results);
         eprintln!("failover: kill -9 under single active consumer");
         failovers.push(failover::kill_9_standby(&ctx.app, ctx.kind).await?);
+        // A dependency outage: 30 s at 100 msg/s in full mode, 5 s at 50 msg/s in quick mode.
+        let (outage, rate) = match opts.mode {
+            Mode::Full => (Duration::from_secs(30), 100.0),
+            _ => (Duration::from_secs(5), 50.0),
+        };
+        eprintln!("failover: a dependency outage (the app answers 503 for {outage:?})");
+        failovers.push(outage::dependency_outage(&ctx.app, ctx.kind, outage, rate, &[]).await?);
         if opts.mode == Mode::Full {
             eprintln!("failover: app down and up");
             failovers.push(failover::app_restart(&mut ctx.app, ctx.kind).await?);

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -385,12 +385,14 @@ impl Recorder {
     }
 }
 
-/// A minimal HTTP app on 127.0.0.1 answering 200 after an optional delay. It can go down (stop
-/// listening and drop its connections) and come back on the same port.
+/// A minimal HTTP app on 127.0.0.1 answering 200 (or the status set with [`App::set_status`])
+/// after an optional delay. It can go down (stop listening and drop its connections) and come
+/// back on the same port.
 pub struct App {
     pub addr: SocketAddr,
     pub rec: Arc<Recorder>,
     pub delay_us: Arc<AtomicU64>,
+    status: Arc<AtomicU16>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -400,6 +402,7 @@ impl App {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             rec: Arc::default(),
             delay_us: Arc::default(),
+            status: Arc::new(AtomicU16::new(200)),
             server: None,
         };
         app.up().await;
@@ -414,6 +417,11 @@ impl App {
         self.delay_us.store(d.as_micros() as u64, Ordering::Relaxed);
     }
 
+    /// The status every request is answered with from now on (a sick app: 503).
+    pub fn set_status(&self, status: u16) {
+        self.status.store(status, Ordering::Relaxed);
+    }
+
     pub fn down(&mut self) {
         if let Some(s) = self.server.take() {
             s.abort();
@@ -423,7 +431,7 @@ impl App {
     pub async fn up(&mut self) {
         let listener = bind_retry(self.addr).await;
         self.addr = listener.local_addr().expect("bound");
-        let (rec, delay) = (self.rec.clone(), self.delay_us.clone());
+        let (rec, delay, status) = (self.rec.clone(), self.delay_us.clone(), self.status.clone());
         self.server = Some(tokio::spawn(async move {
             // Dropping the set (when this task is aborted) closes every connection.
             let mut conns = JoinSet::new();
@@ -433,10 +441,10 @@ impl App {
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let (rec, delay) = (rec.clone(), delay.clone());
+                let (rec, delay, status) = (rec.clone(), delay.clone(), status.clone());
                 conns.spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
-                        let (rec, delay) = (rec.clone(), delay.clone());
+                        let (rec, delay, status) = (rec.clone(), delay.clone(), status.clone());
                         async move {
                             let path = req.uri().path().to_string();
                             let body = req
@@ -450,9 +458,11 @@ impl App {
                             if d > 0 {
                                 tokio::time::sleep(Duration::from_micros(d)).await;
                             }
-                            Ok::<_, std::convert::Infallible>(Response::new(Full::new(
-                                Bytes::from_static(b"ok"),
-                            )))
+                            let mut response = Response::new(Full::new(Bytes::from_static(b"ok")));
+                            *response.status_mut() =
+                                hyper::StatusCode::from_u16(status.load(Ordering::Relaxed))
+                                    .unwrap_or(hyper::StatusCode::OK);
+                            Ok::<_, std::convert::Infallible>(response)
                         }
                     });
                     let _ = http1::Builder::new()
