@@ -5,7 +5,7 @@
 //! cargo bench --bench sidecar -- [--quick | --full | --soak] [--json FILE]
 //!     [--queue-type quorum|classic] [--messages N] [--broker-restart auto|always|never]
 //!     [--repeat ROUNDS] [--concurrency C] [--size BYTES] [--soak-messages N]
-//!     [--soak-rate PER_SECOND]
+//!     [--soak-rate PER_SECOND] [--growth]
 //! ```
 //!
 //! Needs RabbitMQ on 127.0.0.1:5672 (guest/guest). Every queue is unique and deleted afterwards;
@@ -27,6 +27,7 @@
 
 mod baseline;
 mod failover;
+mod growth;
 mod outage;
 mod rig;
 
@@ -71,6 +72,9 @@ struct Opts {
     concurrency: Option<usize>,
     /// Quick mode's message size in bytes (default 256).
     size: Option<usize>,
+    /// `--growth`: how cost grows with subscriptions, body size and prefetch, instead of the
+    /// throughput cases ([`growth`]); `--quick` shortens it.
+    growth: bool,
     list_only: bool,
 }
 
@@ -94,6 +98,7 @@ fn parse_args() -> Result<Opts, String> {
         repeat: 0,
         concurrency: None,
         size: None,
+        growth: false,
         list_only: false,
     };
     let mut args = std::env::args().skip(1);
@@ -109,6 +114,7 @@ fn parse_args() -> Result<Opts, String> {
             "--quick" => o.mode = Mode::Quick,
             "--full" => o.mode = Mode::Full,
             "--soak" => o.mode = Mode::Soak,
+            "--growth" => o.growth = true,
             "--json" => o.json = Some(value("--json")?.into()),
             "--queue-type" => {
                 o.kind = match value("--queue-type")?.as_str() {
@@ -953,6 +959,19 @@ async fn run(opts: Opts) -> Result<(), String> {
         latency_secs: 2.0,
         settle_wal: AtomicBool::new(opts.kind == QueueKind::Quorum),
     };
+    if opts.growth {
+        let points = growth::run(&ctx.app, ctx.kind, opts.mode == Mode::Quick).await?;
+        if let Some(path) = &opts.json {
+            let report = json!({"machine": machine, "growth": points});
+            std::fs::write(
+                path,
+                serde_json::to_string_pretty(&report).unwrap_or_default(),
+            )
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        eprintln!("finished in {:.0} s", started.elapsed().as_secs_f64());
+        return Ok(());
+    }
     let mut results = Vec::new();
     let mut failovers = Vec::new();
     let mut soak_result = None;
