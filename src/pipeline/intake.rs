@@ -11,11 +11,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::BasicCancelOptions;
-use lapin::{BasicProperties, Channel, Consumer};
+use lapin::{BasicProperties, Consumer};
 use tokio_util::sync::PollSemaphore;
 
 use super::handle::handle;
-use super::{Ctx, Shared, settle};
+use super::{Ctx, settle};
 use crate::headers;
 use crate::policy;
 use crate::telemetry::events::{Event, MessageReceived, ReturnReason};
@@ -28,6 +28,7 @@ const BURST: usize = 32;
 pub(super) enum Pump {
     Shutdown,
     AppDown,
+    CircuitOpen,
     BrokerCancelled,
     Error(lapin::Error),
 }
@@ -44,6 +45,9 @@ pub(super) struct Received {
     pub attempt: u32,
     /// Delivered more often than `--max-deliveries` allows: dead-lettered without a slot.
     pub exhausted: bool,
+    /// Taken back unstarted because the app's circuit opened: parked without a slot, its
+    /// attempt count unchanged.
+    pub parked: bool,
 }
 
 /// Runs until the consumer ends, the gate closes or the sidecar shuts down; gives back the
@@ -58,6 +62,9 @@ pub(super) async fn pump(ctx: &Arc<Ctx>, consumer: &mut Consumer) -> Pump {
     let closing = shared.gate.closing();
     let stop = closing.cancelled();
     tokio::pin!(stop);
+    let circuit = sub.breaker.closing();
+    let circuit_open = circuit.cancelled();
+    tokio::pin!(circuit_open);
     let mut slots = PollSemaphore::new(sub.slots.clone());
     let ended = 'pump: loop {
         tokio::select! {
@@ -66,6 +73,11 @@ pub(super) async fn pump(ctx: &Arc<Ctx>, consumer: &mut Consumer) -> Pump {
                 Pump::Shutdown
             } else {
                 Pump::AppDown
+            },
+            _ = &mut circuit_open => break if shared.shutdown.is_cancelled() {
+                Pump::Shutdown
+            } else {
+                Pump::CircuitOpen
             },
             _ = tick.tick() => shared.health.tick(sub.queue()),
             permit = std::future::poll_fn(|cx| slots.poll_acquire(cx)), if !waiting.is_empty() => {
@@ -99,6 +111,7 @@ pub(super) async fn pump(ctx: &Arc<Ctx>, consumer: &mut Consumer) -> Pump {
     let why = match &ended {
         Pump::Shutdown => Some(ReturnReason::Shutdown),
         Pump::AppDown => Some(ReturnReason::AppUnreachable),
+        Pump::CircuitOpen => Some(ReturnReason::CircuitOpen),
         Pump::BrokerCancelled if ctx.consuming.status().connected() => {
             Some(ReturnReason::ConsumerCancelled)
         }
@@ -113,7 +126,12 @@ pub(super) async fn pump(ctx: &Arc<Ctx>, consumer: &mut Consumer) -> Pump {
             "the channel closed with messages not yet handed to the app; the broker requeued them"
         );
     }
-    for received in waiting {
+    for mut received in waiting {
+        if why == Some(ReturnReason::CircuitOpen) {
+            received.parked = true;
+            shared.tasks.spawn(handle(ctx.clone(), received, None));
+            continue;
+        }
         if let Some(why) = why {
             settle::give_back(shared, sub.queue(), &received.delivery, why, None).await;
         }
@@ -166,18 +184,14 @@ fn receive(ctx: &Ctx, delivery: Delivery) -> Box<Received> {
         id,
         attempt,
         exhausted: policy::exhausted_on_arrival(attempt, &sub.limits),
+        parked: false,
     })
 }
 
-/// Cancels the consumer and gives back what the broker pushed before the cancel took effect.
-pub(super) async fn cancel(
-    shared: &Shared,
-    queue: &str,
-    channel: &Channel,
-    consumer: &mut Consumer,
-    tag: &str,
-    why: ReturnReason,
-) {
+/// Cancels the consumer and gives back what the broker pushed before the cancel took effect
+/// (parks it when the circuit opened).
+pub(super) async fn cancel(ctx: &Arc<Ctx>, consumer: &mut Consumer, tag: &str, why: ReturnReason) {
+    let (shared, queue, channel) = (&ctx.shared, ctx.sub.queue(), &ctx.consuming);
     if channel.status().connected() {
         let _ = tokio::time::timeout(
             Duration::from_secs(5),
@@ -187,7 +201,13 @@ pub(super) async fn cancel(
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     while let Ok(Some(Ok(delivery))) = tokio::time::timeout_at(deadline, consumer.next()).await {
-        settle::give_back(shared, queue, &delivery, why, None).await;
+        if why == ReturnReason::CircuitOpen {
+            let mut received = receive(ctx, delivery);
+            received.parked = true;
+            shared.tasks.spawn(handle(ctx.clone(), received, None));
+        } else {
+            settle::give_back(shared, queue, &delivery, why, None).await;
+        }
     }
 }
 

@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use lapin::Consumer;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Consumer};
 
 use super::intake::{self, Pump};
 use super::{Ctx, Shared, Subscription};
 use crate::admin::health::State;
+use crate::app::circuit::CircuitState;
 use crate::broker::topology::{self, TopologyError};
 use crate::broker::{self, Session};
 use crate::headers::QueueHeaders;
@@ -62,6 +63,16 @@ pub(super) async fn consume(
                 _ = shared.shutdown.cancelled() => break Exit::Shutdown,
                 _ = wait_lost(session) => break Exit::Lost,
             }
+            continue;
+        }
+        if sub.breaker.is_open() {
+            shared.health.set_state(queue, State::PausedCircuitOpen);
+            tokio::select! {
+                _ = sub.breaker.wait_leaves(CircuitState::Open) => {}
+                _ = shared.shutdown.cancelled() => break Exit::Shutdown,
+                _ = wait_lost(session) => break Exit::Lost,
+            }
+            continue;
         }
         consumers += 1;
         let tag = consumer_tag(session, consumers);
@@ -161,11 +172,10 @@ async fn start(ctx: &Ctx, tag: &str) -> Result<Consumer, lapin::Error> {
     Ok(consumer)
 }
 
-/// Reports why the consumer stopped and cleans up after it. `None`: the gate closed, so wait for
-/// the app and start another consumer on the same session.
-async fn stopped(ctx: &Ctx, ended: Pump, consumer: &mut Consumer, tag: &str) -> Option<Exit> {
+/// Reports why the consumer stopped and cleans up after it. `None`: the gate closed or the
+/// circuit opened, so wait for the app and start another consumer on the same session.
+async fn stopped(ctx: &Arc<Ctx>, ended: Pump, consumer: &mut Consumer, tag: &str) -> Option<Exit> {
     let (shared, session, queue) = (&ctx.shared, &ctx.session, ctx.sub.queue());
-    let channel: &Channel = &ctx.consuming;
     // (what the unstarted messages are given back for, why the consumer stopped, what next)
     let (give_back, reason, exit) = match ended {
         Pump::Shutdown => (
@@ -176,6 +186,11 @@ async fn stopped(ctx: &Ctx, ended: Pump, consumer: &mut Consumer, tag: &str) -> 
         Pump::AppDown => (
             Some(ReturnReason::AppUnreachable),
             Some(CancelReason::AppDown),
+            None,
+        ),
+        Pump::CircuitOpen => (
+            Some(ReturnReason::CircuitOpen),
+            Some(CancelReason::CircuitOpen),
             None,
         ),
         Pump::BrokerCancelled => (
@@ -189,7 +204,7 @@ async fn stopped(ctx: &Ctx, ended: Pump, consumer: &mut Consumer, tag: &str) -> 
         Pump::Error(e) => (None, None, Some(lost_or(session, e))),
     };
     if let Some(why) = give_back {
-        intake::cancel(shared, queue, channel, consumer, tag, why).await;
+        intake::cancel(ctx, consumer, tag, why).await;
     }
     ConsumerStopped { queue, reason }.emit(&shared.metrics);
     exit
