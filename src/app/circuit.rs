@@ -1,8 +1,10 @@
 //! The circuit breaker's state machine: pure, with time passed in, so every transition is a unit
 //! test. [`super::breaker`] runs it for the pipeline.
 //!
-//! - **Closed**: every message goes to the app. Each answer is recorded in a sliding window of
-//!   `window`; when it holds at least `min_calls` answers and the share of retryable failures
+//! - **Closed**: every message goes to the app. Each answer is recorded in a sliding window: the
+//!   answers of the last `window`, at most the last `2 × min_calls` of them (so a busy healthy
+//!   past does not delay the opening: it takes about `min_calls` failures in a row at any message
+//!   rate). When it holds at least `min_calls` answers and the share of retryable failures
 //!   (5xx, 408, 429, timeout, connection reset) reaches `failure_ratio`, the circuit opens. A 4xx
 //!   rejection is a healthy answer (the app decided; the message is at fault), so a storm of them
 //!   never opens it. "Unreachable" is the app gate's business and is not recorded.
@@ -230,6 +232,12 @@ impl Circuit {
         }
         self.window.push_back((now, failed));
         self.failures += u32::from(failed);
+        let most = self.config.min_calls.max(1) as usize * 2;
+        while self.window.len() > most {
+            if let Some((_, f)) = self.window.pop_front() {
+                self.failures -= u32::from(f);
+            }
+        }
     }
 
     fn tripped(&self) -> bool {
@@ -320,6 +328,18 @@ mod tests {
         // A 4xx storm: the caller records rejections as healthy.
         record_n(&mut c, t0, &[Call::Healthy; 100]);
         assert_eq!(c.state(), CircuitState::Closed);
+    }
+
+    #[test]
+    fn a_busy_healthy_past_does_not_delay_the_opening() {
+        let t0 = Instant::now();
+        let mut c = Circuit::new(CONFIG, t0);
+        record_n(&mut c, t0, &[Call::Healthy; 1000]);
+        // The window keeps the last 2 × min_calls answers: ten failures make half of them.
+        let r = record_n(&mut c, t0, &[FAIL; 10]);
+        assert!(r[..9].iter().all(|r| !r.outage));
+        assert!(r[9].outage);
+        assert_eq!(c.state(), CircuitState::Open);
     }
 
     #[test]

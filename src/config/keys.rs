@@ -247,7 +247,7 @@ pub const CIRCUIT_WINDOW: Key = Key::text(
     "circuit-window",
     Scope::Process,
     Is("10s"),
-    "The sliding window of answers the circuit breaker judges",
+    "The sliding window of answers the circuit breaker judges (at most the last 2 x --circuit-min-calls)",
 );
 
 pub const CIRCUIT_MIN_CALLS: Key = Key::text(
