@@ -147,9 +147,10 @@ async fn dependency_outage(quorum: bool) {
         app.app.count(),
         ids.len()
     );
-    // Without the breaker it is the incoming rate plus every retry (over 100 req/s here).
+    // Without the breaker it is the incoming rate plus every retry (over 100 req/s here); with
+    // it, measured: 2 req/s (the calls before it opened, then one probe per open period).
     assert!(
-        per_second < 8.0,
+        per_second < 5.0,
         "the sick app is spared: {per_second:.1} req/s during the outage"
     );
     let twice: Vec<_> = app.accepted().into_iter().filter(|(_, n)| *n > 1).collect();
