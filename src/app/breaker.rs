@@ -102,16 +102,26 @@ impl Breaker {
         admission
     }
 
-    /// Records the app's answer to an admitted call (`probe`: it was admitted as the probe).
+    /// Records the app's answer to an admitted call (`probe`: it was admitted as the probe);
     /// Returns whether a failure is the outage's rather than the message's. `retry_after` is
     /// the app's, already capped.
-    pub fn record(&self, outcome: &Outcome, retry_after: Option<Duration>, probe: bool) -> bool {
+    /// `message` names the message (a hash of its identity): an outage fails many.
+    pub fn record(
+        &self,
+        outcome: &Outcome,
+        retry_after: Option<Duration>,
+        probe: bool,
+        message: impl FnOnce() -> u64,
+    ) -> bool {
         let Some(inner) = &self.inner else {
             return false;
         };
         let call = match outcome {
             Outcome::Success { .. } | Outcome::Rejected { .. } => Call::Healthy,
-            Outcome::Retryable { .. } => Call::Failed { retry_after },
+            Outcome::Retryable { .. } => Call::Failed {
+                retry_after,
+                message: message(),
+            },
             Outcome::Unreachable => {
                 // The gate's business: says nothing about the app's health when it answers.
                 if probe {

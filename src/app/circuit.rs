@@ -4,8 +4,11 @@
 //! - **Closed**: every message goes to the app. Each answer is recorded in a sliding window: the
 //!   answers of the last `window`, at most the last `2 × min_calls` of them (so a busy healthy
 //!   past does not delay the opening: it takes about `min_calls` failures in a row at any message
-//!   rate). When it holds at least `min_calls` answers and the share of retryable failures
-//!   (5xx, 408, 429, timeout, connection reset) reaches `failure_ratio`, the circuit opens. A 4xx
+//!   rate). When it holds at least `min_calls` answers, the share of retryable failures (5xx,
+//!   408, 429, timeout, connection reset) reaches `failure_ratio`, and those failures are of at
+//!   least `min_calls × failure_ratio` different messages, the circuit opens. The last condition
+//!   tells an outage (many messages fail) from a few poison messages retried over and over
+//!   (which must go on spending their attempts and be dead-lettered). A 4xx
 //!   rejection is a healthy answer (the app decided; the message is at fault), so a storm of them
 //!   never opens it. "Unreachable" is the app gate's business and is not recorded.
 //! - **Open** for `open_base × 2^(opens-1)` (capped at `open_max`), or for the app's
@@ -62,8 +65,12 @@ impl CircuitState {
 pub enum Call {
     /// 2xx or a 4xx rejection: the app is working.
     Healthy,
-    /// 5xx, 408, 429, timeout, reset; with the app's `Retry-After` (already capped), if any.
-    Failed { retry_after: Option<Duration> },
+    /// 5xx, 408, 429, timeout, reset; with the app's `Retry-After` (already capped), if any, and
+    /// which message failed (a hash of its identity).
+    Failed {
+        retry_after: Option<Duration>,
+        message: u64,
+    },
 }
 
 /// Whether a message may go to the app now.
@@ -105,8 +112,9 @@ pub struct Circuit {
     /// Opens since the circuit was last closed (the exponent of the open time).
     opens: u32,
     probe_out: bool,
-    /// (when, failed) of the answers within the window, oldest first.
-    window: VecDeque<(Instant, bool)>,
+    /// (when, the failed message) of the answers within the window, oldest first; `None` for a
+    /// healthy answer.
+    window: VecDeque<(Instant, Option<u64>)>,
     failures: u32,
 }
 
@@ -173,13 +181,16 @@ impl Circuit {
     pub fn record(&mut self, call: Call, now: Instant) -> Recorded {
         self.tick(now);
         let failed = matches!(call, Call::Failed { .. });
-        let retry_after = match call {
-            Call::Failed { retry_after } => retry_after,
-            Call::Healthy => None,
+        let (retry_after, message) = match call {
+            Call::Failed {
+                retry_after,
+                message,
+            } => (retry_after, Some(message)),
+            Call::Healthy => (None, None),
         };
         match self.state {
             CircuitState::Closed => {
-                self.push(now, failed);
+                self.push(now, message);
                 if failed && self.tripped() {
                     let t = self.open(now, retry_after);
                     Recorded {
@@ -222,28 +233,35 @@ impl Circuit {
         }
     }
 
-    fn push(&mut self, now: Instant, failed: bool) {
+    fn push(&mut self, now: Instant, failed: Option<u64>) {
         while let Some(&(at, f)) = self.window.front() {
             if now.saturating_duration_since(at) < self.config.window {
                 break;
             }
             self.window.pop_front();
-            self.failures -= u32::from(f);
+            self.failures -= u32::from(f.is_some());
         }
         self.window.push_back((now, failed));
-        self.failures += u32::from(failed);
+        self.failures += u32::from(failed.is_some());
         let most = self.config.min_calls.max(1) as usize * 2;
         while self.window.len() > most {
             if let Some((_, f)) = self.window.pop_front() {
-                self.failures -= u32::from(f);
+                self.failures -= u32::from(f.is_some());
             }
         }
     }
 
     fn tripped(&self) -> bool {
         let calls = self.window.len() as u32;
+        let needed = self.config.failure_ratio * f64::from(self.config.min_calls.max(1));
         calls >= self.config.min_calls.max(1)
             && f64::from(self.failures) >= self.config.failure_ratio * f64::from(calls)
+            && {
+                // At most 2 × min_calls entries: a small set.
+                let messages: std::collections::HashSet<u64> =
+                    self.window.iter().filter_map(|(_, f)| *f).collect();
+                messages.len() as f64 >= needed.ceil()
+            }
     }
 
     /// The open time of the next open: `open_base × 2^opens`, capped; the app's Retry-After
@@ -290,7 +308,20 @@ mod tests {
         open_base: Duration::from_secs(1),
         open_max: Duration::from_secs(8),
     };
-    const FAIL: Call = Call::Failed { retry_after: None };
+    const FAIL: Call = Call::Failed {
+        retry_after: None,
+        message: 0,
+    };
+
+    /// Failures of `n` different messages.
+    fn fails(n: u64) -> Vec<Call> {
+        (1..=n)
+            .map(|message| Call::Failed {
+                retry_after: None,
+                message,
+            })
+            .collect()
+    }
     const MS: Duration = Duration::from_millis(1);
 
     fn record_n(c: &mut Circuit, now: Instant, calls: &[Call]) -> Vec<Recorded> {
@@ -302,7 +333,7 @@ mod tests {
         let t0 = Instant::now();
         let mut c = Circuit::new(CONFIG, t0);
         // Nine failures: below min_calls.
-        let r = record_n(&mut c, t0, &[FAIL; 9]);
+        let r = record_n(&mut c, t0, &fails(9));
         assert!(r.iter().all(|r| !r.outage && r.transition.is_none()));
         assert_eq!(c.state(), CircuitState::Closed);
         // The tenth opens it, and is an outage failure.
@@ -319,7 +350,14 @@ mod tests {
         let mut c = Circuit::new(CONFIG, t0);
         for i in 0..200u64 {
             // A third of the calls fail (poison messages among healthy ones, say).
-            let call = if i % 3 == 0 { FAIL } else { Call::Healthy };
+            let call = if i % 3 == 0 {
+                Call::Failed {
+                    retry_after: None,
+                    message: i,
+                }
+            } else {
+                Call::Healthy
+            };
             let r = c.record(call, t0 + MS * i as u32);
             assert!(!r.outage, "call {i}");
             assert_eq!(c.admit(t0 + MS * i as u32), Admission::Pass);
@@ -336,17 +374,48 @@ mod tests {
         let mut c = Circuit::new(CONFIG, t0);
         record_n(&mut c, t0, &[Call::Healthy; 1000]);
         // The window keeps the last 2 × min_calls answers: ten failures make half of them.
-        let r = record_n(&mut c, t0, &[FAIL; 10]);
+        let r = record_n(&mut c, t0, &fails(10));
         assert!(r[..9].iter().all(|r| !r.outage));
         assert!(r[9].outage);
         assert_eq!(c.state(), CircuitState::Open);
     }
 
     #[test]
+    fn a_few_poison_messages_retried_over_and_over_never_open_it() {
+        let t0 = Instant::now();
+        let mut c = Circuit::new(CONFIG, t0);
+        // Four messages that always fail, retried 30 times each, and little else: every
+        // answer fails, but of four messages, not of the five an outage would show.
+        for round in 0..30u32 {
+            for message in 1..=4 {
+                let r = c.record(
+                    Call::Failed {
+                        retry_after: None,
+                        message,
+                    },
+                    t0 + MS * round,
+                );
+                assert!(!r.outage);
+            }
+        }
+        assert_eq!(c.state(), CircuitState::Closed);
+        assert!(
+            c.record(
+                Call::Failed {
+                    retry_after: None,
+                    message: 5
+                },
+                t0 + MS * 31
+            )
+            .outage
+        );
+    }
+
+    #[test]
     fn old_answers_leave_the_window() {
         let t0 = Instant::now();
         let mut c = Circuit::new(CONFIG, t0);
-        record_n(&mut c, t0, &[FAIL; 9]);
+        record_n(&mut c, t0, &fails(9));
         // Eleven seconds later the nine failures are forgotten: one more does not open it.
         let later = t0 + Duration::from_secs(11);
         assert!(!c.record(FAIL, later).outage);
@@ -357,7 +426,7 @@ mod tests {
     fn half_open_admits_one_probe_and_its_answer_decides() {
         let t0 = Instant::now();
         let mut c = Circuit::new(CONFIG, t0);
-        record_n(&mut c, t0, &[FAIL; 10]);
+        record_n(&mut c, t0, &fails(10));
         assert_eq!(c.admit(t0 + 999 * MS), Admission::Hold);
         let t1 = t0 + Duration::from_secs(1);
         let half = c.tick(t1).expect("half-open after the open time");
@@ -394,7 +463,7 @@ mod tests {
         assert!(!r.outage);
         assert_eq!(r.transition.map(|t| t.to), Some(CircuitState::Closed));
         assert_eq!(c.admit(t), Admission::Pass);
-        record_n(&mut c, t, &[FAIL; 10]);
+        record_n(&mut c, t, &fails(10));
         assert_eq!(c.next_probe(), Some(t + Duration::from_secs(1)));
     }
 
@@ -402,7 +471,7 @@ mod tests {
     fn failures_of_calls_under_way_while_open_are_outage_failures() {
         let t0 = Instant::now();
         let mut c = Circuit::new(CONFIG, t0);
-        record_n(&mut c, t0, &[FAIL; 10]);
+        record_n(&mut c, t0, &fails(10));
         assert!(c.record(FAIL, t0 + MS).outage);
         assert!(!c.record(Call::Healthy, t0 + MS).outage);
         assert_eq!(
@@ -416,9 +485,10 @@ mod tests {
     fn retry_after_sets_the_open_time_and_only_lengthens_it() {
         let t0 = Instant::now();
         let mut c = Circuit::new(CONFIG, t0);
-        record_n(&mut c, t0, &[FAIL; 9]);
+        record_n(&mut c, t0, &fails(9));
         let ra = |s| Call::Failed {
             retry_after: Some(Duration::from_secs(s)),
+            message: s,
         };
         c.record(ra(30), t0);
         assert_eq!(c.state(), CircuitState::Open);

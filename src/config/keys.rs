@@ -261,7 +261,7 @@ pub const CIRCUIT_FAILURE_RATIO: Key = Key::text(
     "circuit-failure-ratio",
     Scope::Process,
     Is("0.5"),
-    "Share of retryable failures (5xx, 408, 429, timeout, reset) in the window that opens the circuit",
+    "Share of retryable failures (5xx, 408, 429, timeout, reset) in the window that opens the circuit (of at least min-calls x ratio different messages)",
 );
 
 pub const CIRCUIT_OPEN: Key = Key::text(

@@ -199,6 +199,17 @@ async fn dispatch(ctx: &Ctx, msg: &InHand<'_>) -> Option<Answer> {
     Some(answer)
 }
 
+/// What tells one message from another for the breaker: its message id, or else its body.
+fn message_key(msg: &InHand<'_>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match msg.delivery.properties.message_id() {
+        Some(id) => id.as_str().hash(&mut h),
+        None => msg.body.hash(&mut h),
+    }
+    h.finish()
+}
+
 /// Tells the gate whether anything answered and the breaker what it answered, asks the policy,
 /// and records the answer and the decision.
 fn decide(ctx: &Ctx, msg: &InHand<'_>, answer: &Answer, probe: bool) -> Decision {
@@ -210,7 +221,10 @@ fn decide(ctx: &Ctx, msg: &InHand<'_>, answer: &Answer, probe: bool) -> Decision
     }
     let limits = &ctx.sub.limits;
     let capped = policy::capped_retry_after(answer.retry_after, limits);
-    let outage = ctx.sub.breaker.record(&answer.outcome, capped, probe);
+    let outage = ctx
+        .sub
+        .breaker
+        .record(&answer.outcome, capped, probe, || message_key(msg));
     let decision = policy::decide_in(
         answer.outcome,
         msg.attempt,
