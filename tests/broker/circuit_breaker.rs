@@ -465,7 +465,16 @@ async fn an_open_circuit_shows_in_readyz_status_and_metrics() {
     let sidecar = Sidecar::start(&args(
         &queue,
         &app.app.url(),
-        &["--circuit-min-calls", "5", "--circuit-open", "5s"],
+        // The failures that open the circuit wait out a 5 s backoff in the retry queue, where
+        // its depth shows them; the circuit stays open as long.
+        &[
+            "--circuit-min-calls",
+            "5",
+            "--circuit-open",
+            "5s",
+            "--retry-backoff",
+            "5s",
+        ],
     ));
     sidecar.wait_ready(Duration::from_secs(20)).await;
     broker.publish_n(&queue, 1, "bad").await;
@@ -534,7 +543,7 @@ async fn an_open_circuit_shows_in_readyz_status_and_metrics() {
         ),
         Some(1.0)
     );
-    // Parked messages wait in the retry queue until the probe (5 s).
+    // Failed and parked messages wait in the retry queue (5 s).
     let retry_depth = series("rabbit_sidecar_retry_queue_messages", &queue);
     assert!(
         eventually(Duration::from_secs(5), || async {
