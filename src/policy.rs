@@ -9,6 +9,12 @@
 //! | unreachable (connect refused)        | return to queue, pause   | return to queue, pause        |
 //!
 //! "Unreachable" never spends an attempt: the app is down, not the message.
+//!
+//! Nor does a retryable failure during an *outage* (the app's circuit breaker was open or
+//! half-open, or this failure opened it): it is retried with its attempt count unchanged, whatever
+//! the count, so a dependency outage behind the app dead-letters nothing. The breaker's state is an
+//! input here, never owned. A 429 or 503 with `Retry-After` waits that long instead of the backoff,
+//! capped at `--retry-after-max`.
 
 use std::time::Duration;
 
@@ -90,14 +96,17 @@ pub enum RetryReason {
     Timeout,
     Throttled,
     ConnectionReset,
+    /// Not an answer of the app: the message was parked, unsent, while the circuit was open.
+    CircuitOpen,
 }
 
 impl RetryReason {
-    pub const ALL: [RetryReason; 4] = [
+    pub const ALL: [RetryReason; 5] = [
         RetryReason::ServerError,
         RetryReason::Timeout,
         RetryReason::Throttled,
         RetryReason::ConnectionReset,
+        RetryReason::CircuitOpen,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -106,6 +115,7 @@ impl RetryReason {
             RetryReason::Timeout => "timeout",
             RetryReason::Throttled => "throttled",
             RetryReason::ConnectionReset => "connection_reset",
+            RetryReason::CircuitOpen => "circuit_open",
         }
     }
 }
@@ -140,10 +150,12 @@ impl DeadLetterReason {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     Ack,
-    /// Park a copy for `delay`, then try again; `attempt` failed attempts are recorded on it.
+    /// Park a copy for `delay`, then try again. `counted`: this attempt counts towards
+    /// `--max-deliveries` (recorded on the copy); not during an outage.
     Retry {
         reason: RetryReason,
         delay: Duration,
+        counted: bool,
     },
     DeadLetter {
         reason: DeadLetterReason,
@@ -170,12 +182,38 @@ pub struct Limits {
     pub max_deliveries: u32,
     pub backoff: Duration,
     pub backoff_max: Duration,
+    /// Cap of the app's `Retry-After`.
+    pub retry_after_max: Duration,
 }
 
-/// Decides the fate of a message on its `attempt`-th try (1-based). `jitter` in `[0, 1)` spreads
-/// retries of messages that failed together.
-pub fn decide(outcome: Outcome, attempt: u32, limits: &Limits, jitter: f64) -> Decision {
+/// What the policy knows beyond the answer's class.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Circumstances {
+    /// The app's circuit breaker counts this failure as the outage's (see the module doc).
+    pub outage: bool,
+    /// The app's `Retry-After`, uncapped.
+    pub retry_after: Option<Duration>,
+}
+
+/// Decides the fate of a message on its `attempt`-th try (1-based), knowing whether the app is in
+/// an outage and what it asked for. `jitter` in `[0, 1)` spreads retries of messages that failed
+/// together.
+pub fn decide_in(
+    outcome: Outcome,
+    attempt: u32,
+    limits: &Limits,
+    jitter: f64,
+    about: Circumstances,
+) -> Decision {
+    let waited = capped_retry_after(about.retry_after, limits);
     match outcome {
+        Outcome::Retryable { reason, .. } if about.outage => Decision::Retry {
+            reason,
+            // The attempt is not spent: the delay of the attempt before it.
+            delay: waited
+                .unwrap_or_else(|| retry_delay(attempt.saturating_sub(1).max(1), limits, jitter)),
+            counted: false,
+        },
         Outcome::Success { .. } => Decision::Ack,
         Outcome::Rejected { .. } => Decision::DeadLetter {
             reason: DeadLetterReason::Rejected,
@@ -186,9 +224,15 @@ pub fn decide(outcome: Outcome, attempt: u32, limits: &Limits, jitter: f64) -> D
         },
         Outcome::Retryable { reason, .. } => Decision::Retry {
             reason,
-            delay: retry_delay(attempt, limits, jitter),
+            delay: waited.unwrap_or_else(|| retry_delay(attempt, limits, jitter)),
+            counted: true,
         },
     }
+}
+
+/// The app's `Retry-After`, at most `--retry-after-max`.
+pub fn capped_retry_after(retry_after: Option<Duration>, limits: &Limits) -> Option<Duration> {
+    retry_after.map(|d| d.min(limits.retry_after_max))
 }
 
 /// Whether a message must be dead-lettered before it is even offered to the app, and why: it has
@@ -231,13 +275,81 @@ mod tests {
         max_deliveries: 3,
         backoff: Duration::from_secs(1),
         backoff_max: Duration::from_secs(10),
+        retry_after_max: Duration::from_secs(60),
     };
+
+    fn decide(outcome: Outcome, attempt: u32, limits: &Limits, jitter: f64) -> Decision {
+        decide_in(outcome, attempt, limits, jitter, Circumstances::default())
+    }
 
     fn retry(reason: RetryReason, secs: u64) -> Decision {
         Decision::Retry {
             reason,
             delay: Duration::from_secs(secs),
+            counted: true,
         }
+    }
+
+    #[test]
+    fn outage_failures_spend_no_attempt_and_retry_after_sets_the_delay() {
+        let outage = Circumstances {
+            outage: true,
+            retry_after: None,
+        };
+        let e503 = Outcome::from_status(503);
+        let free = |secs| Decision::Retry {
+            reason: RetryReason::ServerError,
+            delay: Duration::from_secs(secs),
+            counted: false,
+        };
+        // At and past --max-deliveries, an outage failure is still retried, uncounted.
+        assert_eq!(decide_in(e503, 3, &LIMITS, 0.0, outage), free(2));
+        assert_eq!(decide_in(e503, 99, &LIMITS, 0.0, outage), free(10));
+        assert_eq!(decide_in(e503, 1, &LIMITS, 0.0, outage), free(1));
+        // Outside an outage, the same answer counts and ends in the dead-letter queue.
+        assert_eq!(
+            decide_in(e503, 3, &LIMITS, 0.0, Circumstances::default()),
+            Decision::DeadLetter {
+                reason: DeadLetterReason::MaxDeliveries
+            }
+        );
+        // 4xx and 2xx are not touched by an outage.
+        assert_eq!(
+            decide_in(Outcome::from_status(404), 1, &LIMITS, 0.0, outage),
+            Decision::DeadLetter {
+                reason: DeadLetterReason::Rejected
+            }
+        );
+        assert_eq!(
+            decide_in(Outcome::from_status(200), 1, &LIMITS, 0.0, outage),
+            Decision::Ack
+        );
+        // Retry-After replaces the backoff, capped.
+        let after = |secs| Circumstances {
+            outage: false,
+            retry_after: Some(Duration::from_secs(secs)),
+        };
+        assert_eq!(
+            decide_in(Outcome::from_status(429), 1, &LIMITS, 0.0, after(7)),
+            retry(RetryReason::Throttled, 7)
+        );
+        assert_eq!(
+            decide_in(Outcome::from_status(429), 1, &LIMITS, 0.5, after(3600)),
+            retry(RetryReason::Throttled, 60)
+        );
+        assert_eq!(
+            decide_in(
+                e503,
+                2,
+                &LIMITS,
+                0.0,
+                Circumstances {
+                    outage: true,
+                    retry_after: Some(Duration::from_secs(30))
+                }
+            ),
+            free(30)
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::health::{Health, State};
 use crate::admin::{self, Admin};
-use crate::app::{AppGate, Dispatcher, Prober};
+use crate::app::{AppGate, Breaker, Dispatcher, Prober};
 use crate::broker;
 use crate::broker::management::Management;
 use crate::broker::monitor;
@@ -103,10 +103,26 @@ pub async fn run(
         fatal: Arc::default(),
         management: Management::from_config(&config),
     };
+    // One circuit breaker per app (scheme, host, port): subscriptions posting to paths of the
+    // same app open and close it together.
+    let mut breakers: std::collections::HashMap<String, Breaker> = Default::default();
     let loops: Vec<_> = config
         .subscriptions
         .iter()
         .map(|sub| {
+            let app = Breaker::app_of(&sub.target_url);
+            let breaker = breakers
+                .entry(app.clone())
+                .or_insert_with(|| {
+                    Breaker::new(
+                        app,
+                        config.circuit,
+                        metrics.clone(),
+                        health.clone(),
+                        shutdown.clone(),
+                    )
+                })
+                .clone();
             let subscription = Arc::new(Subscription::new(
                 QueueSpec {
                     queue: sub.queue.clone(),
@@ -124,12 +140,14 @@ pub async fn run(
                     max_deliveries: sub.max_deliveries,
                     backoff: sub.retry_backoff,
                     backoff_max: sub.retry_backoff_max,
+                    retry_after_max: config.retry_after_max,
                 },
                 Dispatcher::new(
                     sub.target_url.clone(),
                     sub.handler_timeout,
                     config.app_health_url.clone(),
                 ),
+                breaker,
             ));
             tokio::spawn(pipeline::run(
                 subscription,

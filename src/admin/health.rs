@@ -12,6 +12,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
+pub use crate::app::circuit::CircuitState;
+
 /// A consumer loop that has not turned for this long is wedged.
 pub const LOOP_STALL: Duration = Duration::from_secs(30);
 
@@ -23,6 +25,8 @@ pub enum State {
     Consuming,
     Standby,
     PausedAppDown,
+    /// The app's circuit breaker is open: consuming waits for its probe.
+    PausedCircuitOpen,
     Draining,
     Stopped,
 }
@@ -34,6 +38,7 @@ impl State {
             State::Consuming => "consuming",
             State::Standby => "standby",
             State::PausedAppDown => "paused_app_down",
+            State::PausedCircuitOpen => "paused_circuit_open",
             State::Draining => "draining",
             State::Stopped => "stopped",
         }
@@ -68,6 +73,17 @@ struct Inner {
     app_up: bool,
     draining: bool,
     subs: BTreeMap<String, Sub>,
+    /// By app (`host:port`); only apps with a circuit breaker.
+    circuits: BTreeMap<String, CircuitStatus>,
+}
+
+/// Where an app's circuit breaker stands (written by the breaker).
+#[derive(Debug, Clone, Copy)]
+pub struct CircuitStatus {
+    pub state: CircuitState,
+    pub since: SystemTime,
+    /// While open: when one message will be let through to probe the app.
+    pub next_probe: Option<SystemTime>,
 }
 
 /// The shared state. Cheap to lock: every method holds the lock for a few field updates.
@@ -149,6 +165,10 @@ impl Health {
 
     pub fn set_app_up(&self, up: bool) {
         self.with(|i| i.app_up = up);
+    }
+
+    pub fn set_circuit(&self, app: &str, status: CircuitStatus) {
+        self.with(|i| i.circuits.insert(app.to_string(), status));
     }
 
     pub fn set_draining(&self) {
@@ -282,7 +302,8 @@ impl Health {
         recent: Duration,
     ) -> bool {
         self.with_sub(queue, |s| {
-            if !s.consumer_up || s.state == State::PausedAppDown {
+            if !s.consumer_up || matches!(s.state, State::PausedAppDown | State::PausedCircuitOpen)
+            {
                 return false;
             }
             if !single_active {
@@ -344,6 +365,15 @@ impl Health {
             if !i.app_up {
                 return fail("the app is unreachable; consuming is paused".into());
             }
+            if let Some((app, _)) = i
+                .circuits
+                .iter()
+                .find(|(_, c)| c.state == CircuitState::Open)
+            {
+                return fail(format!(
+                    "circuit_open: the app at {app} fails most calls; consuming is paused until a probe succeeds"
+                ));
+            }
             for (queue, s) in &i.subs {
                 match s.state {
                     State::Consuming | State::Standby => {}
@@ -386,6 +416,16 @@ impl Health {
                 blocked: i.blocked,
             },
             app_up: i.app_up,
+            circuit_breakers: i
+                .circuits
+                .iter()
+                .map(|(app, c)| CircuitDoc {
+                    app: app.clone(),
+                    state: c.state,
+                    since: rfc3339(c.since),
+                    next_probe: c.next_probe.map(rfc3339),
+                })
+                .collect(),
             draining: i.draining,
             subscriptions: i
                 .subs
@@ -423,8 +463,19 @@ pub struct StatusDoc {
     pub reason: String,
     pub broker: BrokerStatus,
     pub app_up: bool,
+    /// One per app, when the circuit breaker is on.
+    pub circuit_breakers: Vec<CircuitDoc>,
     pub draining: bool,
     pub subscriptions: Vec<SubStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CircuitDoc {
+    /// `host:port` of the app.
+    pub app: String,
+    pub state: CircuitState,
+    pub since: String,
+    pub next_probe: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -472,11 +523,41 @@ mod tests {
     }
 
     #[test]
+    fn an_open_circuit_fails_readiness_with_circuit_open_not_liveness() {
+        let h = Health::new(&["q"], Duration::from_secs(1));
+        h.set_connected(Some("h:1".into()));
+        h.set_state("q", State::Consuming);
+        let status = |state, next_probe| CircuitStatus {
+            state,
+            since: SystemTime::now(),
+            next_probe,
+        };
+        h.set_circuit("app:80", status(CircuitState::Closed, None));
+        assert!(h.readiness().ok);
+        h.set_circuit(
+            "app:80",
+            status(CircuitState::Open, Some(SystemTime::now())),
+        );
+        let v = h.readiness();
+        assert!(!v.ok && v.reason.starts_with("circuit_open"), "{v:?}");
+        assert!(h.liveness().ok);
+        let doc = serde_json::to_value(h.status()).unwrap();
+        assert_eq!(doc["circuit_breakers"][0]["state"], "open");
+        assert!(doc["circuit_breakers"][0]["next_probe"].is_string());
+        h.set_circuit("app:80", status(CircuitState::HalfOpen, None));
+        assert!(h.readiness().ok);
+    }
+
+    #[test]
     fn a_long_outage_is_not_a_wedge_but_a_silent_pump_is() {
         let h = Health::new(&["q"], Duration::from_secs(1));
         let long_ago = Instant::now() - LOOP_STALL - Duration::from_secs(1);
         h.with_sub("q", |s| s.loop_tick = long_ago);
-        for waiting in [State::Connecting, State::PausedAppDown] {
+        for waiting in [
+            State::Connecting,
+            State::PausedAppDown,
+            State::PausedCircuitOpen,
+        ] {
             h.set_state("q", waiting);
             assert!(h.liveness().ok, "{waiting:?}");
         }

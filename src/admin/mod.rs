@@ -5,8 +5,8 @@
 //! |------------|--------|
 //! | `/metrics` | Prometheus text format |
 //! | `/healthz` | liveness: 200 `alive`, or 503 with why the process is wedged |
-//! | `/readyz`  | readiness: 200 when connected, consuming or standing by, the app up and not draining; else 503 and a one-line reason |
-//! | `/status`  | JSON: state per subscription, broker node (host:port only), consumer tag, in-flight, last delivery and ack, version |
+//! | `/readyz`  | readiness: 200 when connected, consuming or standing by, the app up, no circuit open and not draining; else 503 and a one-line reason (`circuit_open: …` while the breaker is open) |
+//! | `/status`  | JSON: state per subscription, broker node (host:port only), consumer tag, in-flight, last delivery and ack, circuit breakers (state, since, next probe), version |
 //!
 //! Only `GET` (and `HEAD`) are served; anything else is 405, unknown paths 404. Request heads are
 //! capped at 16 KiB and bodies are never read, so an oversized or malformed request costs nothing.

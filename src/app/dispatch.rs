@@ -7,16 +7,17 @@
 //! retryable failure that spends an attempt: otherwise a message that kills the app would pause
 //! and resume the consumer forever.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::header::{CONTENT_LENGTH, HeaderMap, HeaderValue};
+use hyper::header::{CONTENT_LENGTH, HeaderMap, HeaderValue, RETRY_AFTER};
 use hyper::{Method, Request, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use super::retry_after;
 use crate::policy::{Outcome, RetryReason};
 
 /// How much of an error answer's body is kept for the dead letter's `last error` header.
@@ -30,6 +31,9 @@ pub struct Answer {
     /// A short, single-line description for logs and dead-letter headers: the start of an error
     /// body, or what went wrong on the wire.
     pub detail: String,
+    /// The wait a 429 or 503 asked for with `Retry-After` (uncapped); `None` when absent or
+    /// malformed.
+    pub retry_after: Option<Duration>,
 }
 
 /// The HTTP client to the app, with its target and deadline.
@@ -96,16 +100,24 @@ impl Dispatcher {
                 Ok(response) => {
                     let status = response.status().as_u16();
                     let outcome = Outcome::from_status(status);
+                    let retry_after = match status {
+                        429 | 503 => response
+                            .headers()
+                            .get(RETRY_AFTER)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| retry_after::parse(v, SystemTime::now())),
+                        _ => None,
+                    };
                     let detail = if matches!(outcome, Outcome::Success { .. }) {
                         // The answer is in the status; a huge body is neither read nor kept.
                         String::new()
                     } else {
                         error_body(response.into_body()).await
                     };
-                    (outcome, detail)
+                    (outcome, detail, retry_after)
                 }
                 Err(e) if e.is_connect() => {
-                    (Outcome::Unreachable, "connection refused".to_string())
+                    (Outcome::Unreachable, "connection refused".to_string(), None)
                 }
                 Err(e) => {
                     let detail = format!("connection closed before an answer: {}", error_chain(&e));
@@ -116,14 +128,15 @@ impl Dispatcher {
                                 status: None,
                             },
                             detail,
+                            None,
                         )
                     } else {
-                        (Outcome::Unreachable, detail)
+                        (Outcome::Unreachable, detail, None)
                     }
                 }
             }
         };
-        let (outcome, detail) = match tokio::time::timeout(self.timeout, call).await {
+        let (outcome, detail, retry_after) = match tokio::time::timeout(self.timeout, call).await {
             Ok(r) => r,
             Err(_) => (
                 Outcome::Retryable {
@@ -131,12 +144,14 @@ impl Dispatcher {
                     status: None,
                 },
                 format!("no answer within {:?}", self.timeout),
+                None,
             ),
         };
         Answer {
             outcome,
             elapsed: started.elapsed(),
             detail,
+            retry_after,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Periodic observations: the gauges that are a function of time (in-flight, oldest unacked age,
 //! readiness), the delivery-ack timeout warning, and the queue's depth and consumer count polled
-//! from the broker, from which "active or standby" is decided.
+//! from the broker, from which "active or standby" is decided, with the depth of its retry and
+//! dead-letter queues.
 //!
 //! Active/standby rule (AMQP 0-9-1 does not tell a consumer whether it is the single active one):
 //! with `--management-url`, the management API's `consumers` list for the queue says whether this
@@ -88,6 +89,17 @@ pub async fn run(
                             None
                         }
                     };
+                    // The depth of its companions: retries waiting out their backoff, and dead
+                    // letters nobody has looked at yet.
+                    for (companion, gauge) in [
+                        (&sub.retry_queue, &metrics.retry_queue_messages),
+                        (&sub.dead_letter_queue, &metrics.dead_letter_queue_messages),
+                    ] {
+                        match topology::inspect(&session.connection, companion).await {
+                            Ok((ready, _)) => gauge.with_label_values(&[q]).set(i64::from(ready)),
+                            Err(e) => tracing::debug!(queue = %companion, error = %e, "queue poll failed"),
+                        }
+                    }
                     // The management API's word when it has one; otherwise the inference rule.
                     let from_api = match (&management, health.consumer_tag(q)) {
                         (Some(api), Some(tag)) => api.consumer_active(q, &tag).await,

@@ -229,6 +229,55 @@ pub const RETRY_BACKOFF_MAX: Key = Key::text(
     "Cap of the retry delay",
 );
 
+pub const RETRY_AFTER_MAX: Key = Key::text(
+    "retry-after-max",
+    Scope::Process,
+    Is("5m"),
+    "Cap of the app's Retry-After (on 429 and 503), as a message's retry delay and as the circuit's open time",
+);
+
+pub const CIRCUIT_BREAKER: Key = Key::switch(
+    "circuit-breaker",
+    Scope::Process,
+    Is("true"),
+    "Stop consuming while retryable failures dominate the app's answers; --circuit-breaker=false turns it off",
+);
+
+pub const CIRCUIT_WINDOW: Key = Key::text(
+    "circuit-window",
+    Scope::Process,
+    Is("10s"),
+    "The sliding window of answers the circuit breaker judges (at most the last 2 x --circuit-min-calls)",
+);
+
+pub const CIRCUIT_MIN_CALLS: Key = Key::text(
+    "circuit-min-calls",
+    Scope::Process,
+    Is("20"),
+    "Fewest answers in the window before the circuit may open",
+);
+
+pub const CIRCUIT_FAILURE_RATIO: Key = Key::text(
+    "circuit-failure-ratio",
+    Scope::Process,
+    Is("0.5"),
+    "Share of retryable failures (5xx, 408, 429, timeout, reset) in the window that opens the circuit (of at least min-calls x ratio different messages)",
+);
+
+pub const CIRCUIT_OPEN: Key = Key::text(
+    "circuit-open",
+    Scope::Process,
+    Is("1s"),
+    "How long the circuit first stays open before one probe message; doubles per failed probe",
+);
+
+pub const CIRCUIT_OPEN_MAX: Key = Key::text(
+    "circuit-open-max",
+    Scope::Process,
+    Is("30s"),
+    "Cap of the circuit's open time (a Retry-After may ask for longer, up to --retry-after-max)",
+);
+
 pub const DEAD_LETTER_QUEUE: Key = Key::text(
     "dead-letter-queue",
     Scope::PerQueue,
@@ -352,7 +401,7 @@ pub const PATH: Key = Key::text(
 );
 
 /// Every key, in the order the README documents them.
-pub const ALL: [&Key; 33] = [
+pub const ALL: [&Key; 40] = [
     &AMQP_URL,
     &QUEUE,
     &DECLARE,
@@ -368,6 +417,13 @@ pub const ALL: [&Key; 33] = [
     &MAX_DELIVERIES,
     &RETRY_BACKOFF,
     &RETRY_BACKOFF_MAX,
+    &RETRY_AFTER_MAX,
+    &CIRCUIT_BREAKER,
+    &CIRCUIT_WINDOW,
+    &CIRCUIT_MIN_CALLS,
+    &CIRCUIT_FAILURE_RATIO,
+    &CIRCUIT_OPEN,
+    &CIRCUIT_OPEN_MAX,
     &DEAD_LETTER_QUEUE,
     &RETRY_QUEUE,
     &LISTEN,

@@ -142,6 +142,20 @@ impl Layers {
                 .required(&keys::BROKER_CONSUMER_TIMEOUT, parse_positive_duration)?,
             queue_poll_interval: self
                 .required(&keys::QUEUE_POLL_INTERVAL, parse_positive_duration)?,
+            retry_after_max: self.required(&keys::RETRY_AFTER_MAX, parse_duration)?,
+            circuit: if self.required(&keys::CIRCUIT_BREAKER, parse_bool)? {
+                Some(CircuitConfig {
+                    window: self.required(&keys::CIRCUIT_WINDOW, parse_positive_duration)?,
+                    min_calls: self
+                        .required(&keys::CIRCUIT_MIN_CALLS, |s| parse_int(s, 1, 1_000_000))?
+                        as u32,
+                    failure_ratio: self.required(&keys::CIRCUIT_FAILURE_RATIO, parse_ratio)?,
+                    open_base: self.required(&keys::CIRCUIT_OPEN, parse_positive_duration)?,
+                    open_max: self.required(&keys::CIRCUIT_OPEN_MAX, parse_positive_duration)?,
+                })
+            } else {
+                None
+            },
             log_format: self.required(&keys::LOG_FORMAT, |s| {
                 LogFormat::from_str(s).map_err(|e| e.to_string())
             })?,

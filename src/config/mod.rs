@@ -23,6 +23,7 @@ use lapin::uri::AMQPUri;
 
 pub use self::keys::Key;
 pub use self::layers::Layers;
+pub use crate::app::circuit::CircuitConfig;
 pub use crate::env::{EnvSource, ProcessEnv};
 use crate::telemetry::LogFormat;
 
@@ -179,6 +180,10 @@ pub struct Config {
     pub management_url: Option<SecretUrl>,
     pub consumer_timeout: Duration,
     pub queue_poll_interval: Duration,
+    /// Cap of the app's `Retry-After`.
+    pub retry_after_max: Duration,
+    /// The circuit breaker's settings; `None` with `--circuit-breaker=false`.
+    pub circuit: Option<CircuitConfig>,
     pub log_format: LogFormat,
 }
 

@@ -29,6 +29,16 @@ pub(crate) fn parse_int(s: &str, min: u64, max: u64) -> Result<u64, String> {
     }
 }
 
+/// A share in `(0, 1]`, such as `0.5`.
+pub(crate) fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r > 0.0 && r <= 1.0 => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a ratio: expected a number above 0 and at most 1, such as 0.5"
+        )),
+    }
+}
+
 pub(crate) fn parse_bool(s: &str) -> Result<bool, String> {
     match s.to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Ok(true),

@@ -7,9 +7,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::copies::Failure;
 use super::intake::Received;
 use super::{Ctx, InHand, emit_healthy, settle};
+use crate::app::breaker::{Admission, CircuitState};
 use crate::app::dispatch::Answer;
 use crate::headers::DeliveryInfo;
-use crate::policy::{self, DeadLetterReason, Decision, Outcome};
+use crate::policy::{self, Circumstances, DeadLetterReason, Decision, Outcome, RetryReason};
 use crate::telemetry::events::{HandlerAnswered, ReturnReason};
 use crate::telemetry::metrics::HandlerOutcome;
 use crate::telemetry::trace::{MessageTrace, Server};
@@ -54,6 +55,8 @@ pub(super) async fn handle(
     // task's future several kilobytes, copied each time the task is created and moved.
     let acked = if let Some(reason) = received.exhausted {
         Box::pin(dead_letter_on_arrival(&ctx, &msg, reason)).await
+    } else if received.parked {
+        Box::pin(park(&ctx, &msg)).await
     } else {
         Box::pin(process(&ctx, &msg, id)).await
     };
@@ -82,6 +85,60 @@ async fn dead_letter_on_arrival(ctx: &Ctx, msg: &InHand<'_>, reason: DeadLetterR
     settle::dead_letter(ctx, msg, reason, failure).await
 }
 
+/// The app's circuit is open: the message is not sent. It waits in the retry queue until the
+/// circuit's next probe, its attempt count unchanged (a requeue would count on a quorum queue).
+async fn park(ctx: &Ctx, msg: &InHand<'_>) -> bool {
+    let delay = ctx
+        .sub
+        .breaker
+        .until_probe()
+        .max(std::time::Duration::from_millis(100));
+    let decision = Decision::Retry {
+        reason: RetryReason::CircuitOpen,
+        delay,
+        counted: false,
+    };
+    msg.trace
+        .record_decision(decision.as_str(), "circuit open: not sent to the app");
+    // No failure of its own: the copy keeps the original's last status and error.
+    let failure = Failure {
+        status: None,
+        detail: "",
+    };
+    settle::retry(ctx, msg, RetryReason::CircuitOpen, delay, false, failure).await
+}
+
+/// What the circuit breaker lets a started message do.
+enum Admitted {
+    Go { probe: bool },
+    Park,
+    HandBack(ReturnReason),
+}
+
+/// Asks the breaker; while another message is the half-open circuit's probe, waits for its
+/// answer (re-asking now and then: a probe that met an unreachable app is abandoned).
+async fn admit(ctx: &Ctx) -> Admitted {
+    let (breaker, shared) = (&ctx.sub.breaker, &ctx.shared);
+    loop {
+        match breaker.admit() {
+            Admission::Pass => return Admitted::Go { probe: false },
+            Admission::Probe => return Admitted::Go { probe: true },
+            Admission::Hold if breaker.state() != CircuitState::HalfOpen => return Admitted::Park,
+            Admission::Hold => {}
+        }
+        let gate = shared.gate.closing();
+        tokio::select! {
+            _ = breaker.wait_leaves(CircuitState::HalfOpen) => {}
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+            _ = gate.cancelled() => return Admitted::HandBack(if shared.shutdown.is_cancelled() {
+                ReturnReason::Shutdown
+            } else {
+                ReturnReason::AppUnreachable
+            }),
+        }
+    }
+}
+
 /// Dispatch, decide, settle. Returns whether the message was acked (it left the queue for good).
 async fn process(ctx: &Ctx, msg: &InHand<'_>, id: u64) -> bool {
     let shared = &ctx.shared;
@@ -90,8 +147,16 @@ async fn process(ctx: &Ctx, msg: &InHand<'_>, id: u64) -> bool {
     if !shared.gate.is_up() {
         return settle::hand_back(ctx, msg, ReturnReason::AppUnreachable).await;
     }
+    let probe = match admit(ctx).await {
+        Admitted::Go { probe } => probe,
+        Admitted::Park => return park(ctx, msg).await,
+        Admitted::HandBack(why) => return settle::hand_back(ctx, msg, why).await,
+    };
     shared.health.dispatch_started(queue, id);
     let Some(answer) = dispatch(ctx, msg).await else {
+        if probe {
+            ctx.sub.breaker.abandon_probe();
+        }
         msg.trace.record_decision(
             Decision::Requeue.as_str(),
             ReturnReason::ShutdownDeadline.as_str(),
@@ -99,7 +164,7 @@ async fn process(ctx: &Ctx, msg: &InHand<'_>, id: u64) -> bool {
         return settle::hand_back(ctx, msg, ReturnReason::ShutdownDeadline).await;
     };
     shared.health.dispatch_finished(queue, id);
-    let decision = decide(ctx, msg, &answer);
+    let decision = decide(ctx, msg, &answer, probe);
     let failure = Failure {
         status: answer.outcome.status(),
         detail: &answer.detail,
@@ -111,9 +176,11 @@ async fn process(ctx: &Ctx, msg: &InHand<'_>, id: u64) -> bool {
         Decision::DeadLetter { reason } => {
             Box::pin(settle::dead_letter(ctx, msg, reason, failure)).await
         }
-        Decision::Retry { reason, delay } => {
-            Box::pin(settle::retry(ctx, msg, reason, delay, failure)).await
-        }
+        Decision::Retry {
+            reason,
+            delay,
+            counted,
+        } => Box::pin(settle::retry(ctx, msg, reason, delay, counted, failure)).await,
     }
 }
 
@@ -138,20 +205,41 @@ async fn dispatch(ctx: &Ctx, msg: &InHand<'_>) -> Option<Answer> {
     Some(answer)
 }
 
-/// Tells the gate whether anything answered, asks the policy, and records the answer and the
-/// decision.
-fn decide(ctx: &Ctx, msg: &InHand<'_>, answer: &Answer) -> Decision {
+/// What tells one message from another for the breaker: its message id, or else its body.
+fn message_key(msg: &InHand<'_>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match msg.delivery.properties.message_id() {
+        Some(id) => id.as_str().hash(&mut h),
+        None => msg.body.hash(&mut h),
+    }
+    h.finish()
+}
+
+/// Tells the gate whether anything answered and the breaker what it answered, asks the policy,
+/// and records the answer and the decision.
+fn decide(ctx: &Ctx, msg: &InHand<'_>, answer: &Answer, probe: bool) -> Decision {
     let shared = &ctx.shared;
     if answer.outcome == Outcome::Unreachable {
         shared.gate.report_down();
     } else {
         shared.gate.report_up();
     }
-    let decision = policy::decide(
+    let limits = &ctx.sub.limits;
+    let capped = policy::capped_retry_after(answer.retry_after, limits);
+    let outage = ctx
+        .sub
+        .breaker
+        .record(&answer.outcome, capped, probe, || message_key(msg));
+    let decision = policy::decide_in(
         answer.outcome,
         msg.attempt,
-        &ctx.sub.limits,
+        limits,
         rand::random::<f64>(),
+        Circumstances {
+            outage,
+            retry_after: answer.retry_after,
+        },
     );
     emit_healthy(
         msg.trace,

@@ -28,6 +28,7 @@ const BURST: usize = 32;
 pub(super) enum Pump {
     Shutdown,
     AppDown,
+    CircuitOpen,
     BrokerCancelled,
     Error(lapin::Error),
 }
@@ -45,6 +46,9 @@ pub(super) struct Received {
     /// Delivered more often than `--max-deliveries` allows, or at the queue's delivery limit:
     /// dead-lettered without a slot, for this reason.
     pub exhausted: Option<DeadLetterReason>,
+    /// Taken back unstarted because the app's circuit opened: parked without a slot, its
+    /// attempt count unchanged.
+    pub parked: bool,
 }
 
 /// Runs until the consumer ends, the gate closes or the sidecar shuts down; gives back the
@@ -59,6 +63,9 @@ pub(super) async fn pump(ctx: &Arc<Ctx>, consumer: &mut Consumer) -> Pump {
     let closing = shared.gate.closing();
     let stop = closing.cancelled();
     tokio::pin!(stop);
+    let circuit = sub.breaker.closing();
+    let circuit_open = circuit.cancelled();
+    tokio::pin!(circuit_open);
     let mut slots = PollSemaphore::new(sub.slots.clone());
     let ended = 'pump: loop {
         tokio::select! {
@@ -67,6 +74,11 @@ pub(super) async fn pump(ctx: &Arc<Ctx>, consumer: &mut Consumer) -> Pump {
                 Pump::Shutdown
             } else {
                 Pump::AppDown
+            },
+            _ = &mut circuit_open => break if shared.shutdown.is_cancelled() {
+                Pump::Shutdown
+            } else {
+                Pump::CircuitOpen
             },
             _ = tick.tick() => shared.health.tick(sub.queue()),
             permit = std::future::poll_fn(|cx| slots.poll_acquire(cx)), if !waiting.is_empty() => {
@@ -100,6 +112,7 @@ pub(super) async fn pump(ctx: &Arc<Ctx>, consumer: &mut Consumer) -> Pump {
     let why = match &ended {
         Pump::Shutdown => Some(ReturnReason::Shutdown),
         Pump::AppDown => Some(ReturnReason::AppUnreachable),
+        Pump::CircuitOpen => Some(ReturnReason::CircuitOpen),
         Pump::BrokerCancelled if ctx.consuming.status().connected() => {
             Some(ReturnReason::ConsumerCancelled)
         }
@@ -114,7 +127,12 @@ pub(super) async fn pump(ctx: &Arc<Ctx>, consumer: &mut Consumer) -> Pump {
             "the channel closed with messages not yet handed to the app; the broker requeued them"
         );
     }
-    for received in waiting {
+    for mut received in waiting {
+        if why == Some(ReturnReason::CircuitOpen) {
+            received.parked = true;
+            shared.tasks.spawn(handle(ctx.clone(), received, None));
+            continue;
+        }
         if let Some(why) = why {
             settle::give_back(ctx, &received.delivery, &received.delivery.data, why, None).await;
         }
@@ -174,12 +192,14 @@ fn receive(ctx: &Ctx, delivery: Delivery) -> Box<Received> {
             sub.delivery_limit(),
             &sub.limits,
         ),
+        parked: false,
     })
 }
 
-/// Cancels the consumer and gives back what the broker pushed before the cancel took effect.
-pub(super) async fn cancel(ctx: &Ctx, consumer: &mut Consumer, tag: &str, why: ReturnReason) {
-    let channel = &ctx.consuming;
+/// Cancels the consumer and gives back what the broker pushed before the cancel took effect
+/// (parks it when the circuit opened).
+pub(super) async fn cancel(ctx: &Arc<Ctx>, consumer: &mut Consumer, tag: &str, why: ReturnReason) {
+    let (shared, channel) = (&ctx.shared, &ctx.consuming);
     if channel.status().connected() {
         let _ = tokio::time::timeout(
             Duration::from_secs(5),
@@ -189,7 +209,13 @@ pub(super) async fn cancel(ctx: &Ctx, consumer: &mut Consumer, tag: &str, why: R
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     while let Ok(Some(Ok(delivery))) = tokio::time::timeout_at(deadline, consumer.next()).await {
-        settle::give_back(ctx, &delivery, &delivery.data, why, None).await;
+        if why == ReturnReason::CircuitOpen {
+            let mut received = receive(ctx, delivery);
+            received.parked = true;
+            shared.tasks.spawn(handle(ctx.clone(), received, None));
+        } else {
+            settle::give_back(ctx, &delivery, &delivery.data, why, None).await;
+        }
     }
 }
 

@@ -39,7 +39,7 @@ use tokio_util::task::TaskTracker;
 
 use self::session::Exit;
 use crate::admin::health::{Health, State};
-use crate::app::{AppGate, Dispatcher};
+use crate::app::{AppGate, Breaker, Dispatcher};
 use crate::broker::management::Management;
 use crate::broker::topology::QueueSpec;
 use crate::broker::{Session, Sessions, backoff};
@@ -57,6 +57,8 @@ pub(crate) struct Subscription {
     prefetch: u16,
     limits: Limits,
     dispatcher: Dispatcher,
+    /// The app's circuit breaker, shared with every subscription posting to the same app.
+    breaker: Breaker,
     /// The `--concurrency` slots: a message holds one while the app has it.
     slots: Arc<Semaphore>,
     next_id: AtomicU64,
@@ -76,12 +78,14 @@ impl Subscription {
         concurrency: usize,
         limits: Limits,
         dispatcher: Dispatcher,
+        breaker: Breaker,
     ) -> Self {
         Subscription {
             spec,
             prefetch,
             limits,
             dispatcher,
+            breaker,
             slots: Arc::new(Semaphore::new(concurrency)),
             next_id: AtomicU64::new(1),
             prepared_once: AtomicBool::new(false),

@@ -15,6 +15,7 @@ use lapin::types::FieldTable;
 use super::intake::{self, Pump};
 use super::{Ctx, Shared, Subscription};
 use crate::admin::health::State;
+use crate::app::circuit::CircuitState;
 use crate::broker::facts::QueueFacts;
 use crate::broker::topology::{self, TopologyError};
 use crate::broker::{self, Session};
@@ -65,6 +66,16 @@ pub(super) async fn consume(
                 _ = shared.shutdown.cancelled() => break Exit::Shutdown,
                 _ = wait_lost(session) => break Exit::Lost,
             }
+            continue;
+        }
+        if sub.breaker.is_open() {
+            shared.health.set_state(queue, State::PausedCircuitOpen);
+            tokio::select! {
+                _ = sub.breaker.wait_leaves(CircuitState::Open) => {}
+                _ = shared.shutdown.cancelled() => break Exit::Shutdown,
+                _ = wait_lost(session) => break Exit::Lost,
+            }
+            continue;
         }
         consumers += 1;
         let tag = consumer_tag(session, consumers);
@@ -199,9 +210,9 @@ async fn start(ctx: &Ctx, tag: &str) -> Result<Consumer, lapin::Error> {
     Ok(consumer)
 }
 
-/// Reports why the consumer stopped and cleans up after it. `None`: the gate closed, so wait for
-/// the app and start another consumer on the same session.
-async fn stopped(ctx: &Ctx, ended: Pump, consumer: &mut Consumer, tag: &str) -> Option<Exit> {
+/// Reports why the consumer stopped and cleans up after it. `None`: the gate closed or the
+/// circuit opened, so wait for the app and start another consumer on the same session.
+async fn stopped(ctx: &Arc<Ctx>, ended: Pump, consumer: &mut Consumer, tag: &str) -> Option<Exit> {
     let (shared, session, queue) = (&ctx.shared, &ctx.session, ctx.sub.queue());
     // (what the unstarted messages are given back for, why the consumer stopped, what next)
     let (give_back, reason, exit) = match ended {
@@ -213,6 +224,11 @@ async fn stopped(ctx: &Ctx, ended: Pump, consumer: &mut Consumer, tag: &str) -> 
         Pump::AppDown => (
             Some(ReturnReason::AppUnreachable),
             Some(CancelReason::AppDown),
+            None,
+        ),
+        Pump::CircuitOpen => (
+            Some(ReturnReason::CircuitOpen),
+            Some(CancelReason::CircuitOpen),
             None,
         ),
         Pump::BrokerCancelled => (

@@ -46,21 +46,29 @@ pub(super) async fn accept(ctx: &Ctx, msg: &InHand<'_>) -> bool {
 }
 
 /// Parks a copy in the retry queue for `delay`, then acks the original. Returns whether the
-/// original was acked.
+/// original was acked. The copy records this attempt only when it is `counted`.
 pub(super) async fn retry(
     ctx: &Ctx,
     msg: &InHand<'_>,
     reason: RetryReason,
     delay: Duration,
+    counted: bool,
     failure: Failure<'_>,
 ) -> bool {
-    let mut stamp = copies::retry_stamp(msg.attempt, failure);
+    // An attempt that does not count leaves the copy with the attempts before it.
+    let attempts = if counted {
+        msg.attempt
+    } else {
+        msg.attempt.saturating_sub(1)
+    };
+    let mut stamp = copies::retry_stamp(attempts, failure);
     msg.trace.inject_amqp(&mut stamp);
     let props = copies::copy_properties(&msg.delivery.properties, stamp, Some(delay));
     let scheduled = RetryScheduled {
         queue: ctx.sub.queue(),
         reason,
         attempt: msg.attempt,
+        counted,
         delay,
         detail: failure.detail,
     };

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::{debug, error, info, warn};
 
+use crate::app::circuit::{CircuitState, Transition};
 use crate::policy::{DeadLetterReason, RetryReason};
 use crate::telemetry::metrics::{CancelReason, HandlerOutcome, LossReason, Metrics, QueueSeries};
 
@@ -134,6 +135,10 @@ impl Event for ConsumerStopped<'_> {
                         queue = self.queue,
                         "the app is unreachable: consumer cancelled so other replicas take the work"
                     ),
+                    CancelReason::CircuitOpen => warn!(
+                        queue = self.queue,
+                        "the app's circuit is open: consumer cancelled until a probe succeeds"
+                    ),
                     CancelReason::Shutdown => {
                         info!(queue = self.queue, "consumer cancelled for shutdown")
                     }
@@ -227,6 +232,9 @@ pub enum ReturnReason {
     ConsumerCancelled,
     /// The retry or dead-letter copy was not confirmed.
     CopyNotConfirmed,
+    /// The app's circuit opened before the message was started: it is parked as a retry copy
+    /// that keeps its attempt count (a `basic.nack` would count on a quorum queue).
+    CircuitOpen,
 }
 
 impl ReturnReason {
@@ -237,6 +245,7 @@ impl ReturnReason {
             ReturnReason::ShutdownDeadline => "shutdown deadline reached",
             ReturnReason::ConsumerCancelled => "consumer cancelled",
             ReturnReason::CopyNotConfirmed => "copy not confirmed",
+            ReturnReason::CircuitOpen => "circuit open",
         }
     }
 }
@@ -261,6 +270,8 @@ pub struct RetryScheduled<'a> {
     pub queue: &'a str,
     pub reason: RetryReason,
     pub attempt: u32,
+    /// Whether this attempt counts towards `--max-deliveries` (not while the circuit is open).
+    pub counted: bool,
     pub delay: Duration,
     pub detail: &'a str,
 }
@@ -277,6 +288,7 @@ impl Event for RetryScheduled<'_> {
             queue = self.queue,
             reason = self.reason.as_str(),
             attempt = self.attempt,
+            counted = self.counted,
             delay_ms = self.delay.as_millis() as u64,
             detail = self.detail,
             "retry scheduled"
@@ -379,6 +391,51 @@ impl Event for AppAvailability {
             info!("the app answers again: resuming consumption");
         } else {
             warn!("the app is unreachable: pausing consumption and probing it");
+        }
+    }
+}
+
+/// Where an app's circuit breaker stands, with the transition that brought it there (`None`
+/// when only the next probe time moved, or at start-up).
+pub struct CircuitChanged<'a> {
+    pub app: &'a str,
+    pub state: CircuitState,
+    pub transition: Option<Transition>,
+    pub next_probe_in: Option<Duration>,
+}
+
+impl Event for CircuitChanged<'_> {
+    fn emit(self, m: &Metrics) {
+        for s in CircuitState::ALL {
+            m.circuit_state
+                .with_label_values(&[self.app, s.as_str()])
+                .set(i64::from(s == self.state));
+        }
+        let Some(t) = self.transition else { return };
+        m.circuit_transitions
+            .with_label_values(&[self.app, t.to.as_str()])
+            .inc();
+        if let Some(open) = t.was_open {
+            m.circuit_open_seconds
+                .with_label_values(&[self.app])
+                .inc_by(open.as_secs_f64());
+        }
+        let next_probe_ms = self.next_probe_in.map(|d| d.as_millis() as u64);
+        match t.to {
+            CircuitState::Open => warn!(
+                app = self.app,
+                from = t.from.as_str(),
+                next_probe_ms,
+                "circuit open: the app fails most calls; consuming paused, no attempts spent"
+            ),
+            CircuitState::HalfOpen => info!(
+                app = self.app,
+                "circuit half-open: one message goes to the app as a probe"
+            ),
+            CircuitState::Closed => info!(
+                app = self.app,
+                "circuit closed: the app answers again; consuming resumed"
+            ),
         }
     }
 }

@@ -9,6 +9,7 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+pub use crate::app::circuit::CircuitState;
 pub use crate::policy::{DeadLetterReason, RetryReason};
 use crate::policy::{Decision, Outcome};
 
@@ -57,13 +58,15 @@ impl LossReason {
 pub enum CancelReason {
     Broker,
     AppDown,
+    CircuitOpen,
     Shutdown,
 }
 
 impl CancelReason {
-    pub const ALL: [CancelReason; 3] = [
+    pub const ALL: [CancelReason; 4] = [
         CancelReason::Broker,
         CancelReason::AppDown,
+        CancelReason::CircuitOpen,
         CancelReason::Shutdown,
     ];
 
@@ -71,6 +74,7 @@ impl CancelReason {
         match self {
             CancelReason::Broker => "broker",
             CancelReason::AppDown => "app_down",
+            CancelReason::CircuitOpen => "circuit_open",
             CancelReason::Shutdown => "shutdown",
         }
     }
@@ -174,6 +178,11 @@ pub struct Metrics {
     pub(crate) consumer_timeout: Gauge,
     pub(crate) queue_messages_ready: IntGaugeVec,
     pub(crate) queue_consumers: IntGaugeVec,
+    pub(crate) retry_queue_messages: IntGaugeVec,
+    pub(crate) dead_letter_queue_messages: IntGaugeVec,
+    pub(crate) circuit_state: IntGaugeVec,
+    pub(crate) circuit_transitions: IntCounterVec,
+    pub(crate) circuit_open_seconds: prometheus::CounterVec,
     pub(crate) handler_duration: HistogramVec,
     pub(crate) delivery_attempts: HistogramVec,
     pub(crate) message_age: HistogramVec,
@@ -369,6 +378,41 @@ impl Metrics {
                 "Consumers on the queue, polled from the broker.",
                 q,
             ),
+            retry_queue_messages: gauge_vec(
+                &r,
+                "rabbit_sidecar_retry_queue_messages",
+                "Messages waiting in the queue's retry queue (labelled by the consumed queue), polled from the broker.",
+                q,
+            ),
+            dead_letter_queue_messages: gauge_vec(
+                &r,
+                "rabbit_sidecar_dead_letter_queue_messages",
+                "Messages in the queue's dead-letter queue (labelled by the consumed queue), polled from the broker.",
+                q,
+            ),
+            circuit_state: gauge_vec(
+                &r,
+                "rabbit_sidecar_circuit_state",
+                "1 for the current state of the app's circuit breaker (closed, open, half_open), 0 for the others.",
+                &["app", "state"],
+            ),
+            circuit_transitions: counter_vec(
+                &r,
+                "rabbit_sidecar_circuit_transitions_total",
+                "Changes of state of the app's circuit breaker, by the state entered.",
+                &["app", "to"],
+            ),
+            circuit_open_seconds: {
+                let m = prometheus::CounterVec::new(
+                    Opts::new(
+                        "rabbit_sidecar_circuit_open_seconds_total",
+                        "Seconds the app's circuit breaker spent open (added when an open period ends).",
+                    ),
+                    &["app"],
+                )
+                .expect("valid metric definition");
+                single(&r, m)
+            },
             handler_duration: histogram_vec(
                 &r,
                 "rabbit_sidecar_handler_duration_seconds",
@@ -447,12 +491,24 @@ impl Metrics {
         self.oldest_unacked_age.with_label_values(&[queue]);
         self.queue_messages_ready.with_label_values(&[queue]);
         self.queue_consumers.with_label_values(&[queue]);
+        self.retry_queue_messages.with_label_values(&[queue]);
+        self.dead_letter_queue_messages.with_label_values(&[queue]);
         for o in HandlerOutcome::ALL {
             self.handler_duration
                 .with_label_values(&[queue, o.as_str()]);
         }
         self.delivery_attempts.with_label_values(&[queue]);
         self.message_age.with_label_values(&[queue]);
+    }
+
+    /// Creates the zero series of one app's circuit breaker.
+    pub fn add_app(&self, app: &str) {
+        for state in CircuitState::ALL {
+            self.circuit_state.with_label_values(&[app, state.as_str()]);
+            self.circuit_transitions
+                .with_label_values(&[app, state.as_str()]);
+        }
+        self.circuit_open_seconds.with_label_values(&[app]);
     }
 
     /// The series of `queue` that move on every message, looked up once.
@@ -503,7 +559,9 @@ mod tests {
     #[test]
     fn every_metric_family_is_in_the_readme_metrics_table() {
         let readme = include_str!("../../README.md");
-        for name in Metrics::new(&["q"]).family_names() {
+        let metrics = Metrics::new(&["q"]);
+        metrics.add_app("app:80");
+        for name in metrics.family_names() {
             if name.starts_with("process_") {
                 continue;
             }

@@ -12,6 +12,7 @@ mod common;
 
 mod app_faults;
 mod bad_input;
+mod circuit_breaker;
 mod cli;
 mod cluster;
 mod consume;

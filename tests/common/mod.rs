@@ -451,12 +451,14 @@ impl Received {
 }
 
 type Behaviour = Arc<dyn Fn(&Received) -> u16 + Send + Sync>;
+type ReplyHeaders = Arc<dyn Fn(&Received) -> Vec<(String, String)> + Send + Sync>;
 
 /// An HTTP app on 127.0.0.1 whose status answers come from a closure the test sets.
 pub struct App {
     pub addr: SocketAddr,
     pub received: Arc<Mutex<Vec<Received>>>,
     behaviour: Arc<Mutex<Behaviour>>,
+    reply_headers: Arc<Mutex<ReplyHeaders>>,
     delay: Arc<Mutex<Duration>>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
@@ -471,6 +473,7 @@ impl App {
             addr,
             received: Arc::default(),
             behaviour: Arc::new(Mutex::new(Arc::new(|_: &Received| 200))),
+            reply_headers: Arc::new(Mutex::new(Arc::new(|_: &Received| Vec::new()))),
             delay: Arc::default(),
             server: None,
         };
@@ -484,6 +487,14 @@ impl App {
 
     pub fn answer(&self, f: impl Fn(&Received) -> u16 + Send + Sync + 'static) {
         *self.behaviour.lock().unwrap() = Arc::new(f);
+    }
+
+    /// Headers added to every answer (e.g. `Retry-After`), chosen per request.
+    pub fn reply_headers(
+        &self,
+        f: impl Fn(&Received) -> Vec<(String, String)> + Send + Sync + 'static,
+    ) {
+        *self.reply_headers.lock().unwrap() = Arc::new(f);
     }
 
     pub fn set_delay(&self, d: Duration) {
@@ -528,6 +539,7 @@ impl App {
             self.behaviour.clone(),
             self.delay.clone(),
         );
+        let reply_headers = self.reply_headers.clone();
         self.server = Some(tokio::spawn(async move {
             let mut conns = JoinSet::new();
             loop {
@@ -536,10 +548,12 @@ impl App {
                 };
                 let (received, behaviour, delay) =
                     (received.clone(), behaviour.clone(), delay.clone());
+                let reply_headers = reply_headers.clone();
                 conns.spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let (received, behaviour, delay) =
                             (received.clone(), behaviour.clone(), delay.clone());
+                        let reply_headers = reply_headers.clone();
                         async move {
                             let headers = req
                                 .headers()
@@ -565,10 +579,16 @@ impl App {
                                 tokio::time::sleep(d).await;
                             }
                             let f = behaviour.lock().unwrap().clone();
+                            // Headers first: a test may decide them by what the status closure has
+                            // not seen yet.
+                            let extra = reply_headers.lock().unwrap().clone()(&r);
                             let status = f(&r);
+                            let mut response = Response::builder().status(status);
+                            for (name, value) in extra {
+                                response = response.header(name, value);
+                            }
                             Ok::<_, std::convert::Infallible>(
-                                Response::builder()
-                                    .status(status)
+                                response
                                     .body(Full::new(Bytes::from_static(b"answer")))
                                     .unwrap(),
                             )

@@ -18,6 +18,8 @@ use serde_yaml::Value;
 /// the sidecar's own registry, so renaming a metric without its dashboards and rules fails here.
 fn exported_series_names() -> BTreeSet<String> {
     let metrics = rabbit_sidecar::telemetry::metrics::Metrics::new(&["q"]);
+    // The circuit breaker's families have series once an app has a breaker.
+    metrics.add_app("app:80");
     let mut names = BTreeSet::new();
     for family in metrics.registry().gather() {
         let name = family.name().to_string();
@@ -371,6 +373,15 @@ fn alertmanager_sends_restart_alerts_to_the_remediation_webhook() {
             "alertname=RabbitSidecarNoActiveConsumer",
             "severity=critical",
             "queue=orders"
+        ]),
+        "default"
+    );
+    // An open circuit is a sick dependency behind the app: a restart of either cannot fix it.
+    assert_eq!(
+        route(&[
+            "alertname=RabbitSidecarCircuitOpen",
+            "severity=warning",
+            "app=127.0.0.1:8080"
         ]),
         "default"
     );
