@@ -409,6 +409,8 @@ pub fn close_connections_named(needle: &str) -> usize {
 pub struct Received {
     pub body: Vec<u8>,
     pub headers: HashMap<String, String>,
+    /// The request's path and query, as the app saw it (`/events/orders`).
+    pub uri: String,
     pub at: Instant,
 }
 
@@ -427,6 +429,9 @@ type Behaviour = Arc<dyn Fn(&Received) -> u16 + Send + Sync>;
 pub struct App {
     pub addr: SocketAddr,
     pub received: Arc<Mutex<Vec<Received>>>,
+    /// Each request with the status the app answered, in the order the answers were given; a
+    /// request whose connection closed before the answer is not here.
+    answered: Arc<Mutex<Vec<(Received, u16)>>>,
     behaviour: Arc<Mutex<Behaviour>>,
     delay: Arc<Mutex<Duration>>,
     server: Option<tokio::task::JoinHandle<()>>,
@@ -441,6 +446,7 @@ impl App {
         let mut app = App {
             addr,
             received: Arc::default(),
+            answered: Arc::default(),
             behaviour: Arc::new(Mutex::new(Arc::new(|_: &Received| 200))),
             delay: Arc::default(),
             server: None,
@@ -469,9 +475,23 @@ impl App {
         self.received.lock().unwrap().len()
     }
 
-    /// Ids answered 2xx by the app at least once.
+    /// The id of every request the app received, whatever it answered (duplicates included).
     pub fn ids(&self) -> Vec<String> {
         self.received().iter().map(Received::id).collect()
+    }
+
+    /// Each request the app answered, with the status it answered.
+    pub fn answered(&self) -> Vec<(Received, u16)> {
+        self.answered.lock().unwrap().clone()
+    }
+
+    /// The ids the app answered 2xx at least once (duplicates included).
+    pub fn accepted(&self) -> Vec<String> {
+        self.answered()
+            .iter()
+            .filter(|(_, status)| (200..300).contains(status))
+            .map(|(r, _)| r.id())
+            .collect()
     }
 
     /// Stops listening and drops every open connection: the app is down.
@@ -485,8 +505,9 @@ impl App {
     pub async fn up(&mut self) {
         let listener = bind_retry(self.addr).await;
         self.addr = listener.local_addr().unwrap();
-        let (received, behaviour, delay) = (
+        let (received, answered, behaviour, delay) = (
             self.received.clone(),
+            self.answered.clone(),
             self.behaviour.clone(),
             self.delay.clone(),
         );
@@ -496,13 +517,26 @@ impl App {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (received, behaviour, delay) =
-                    (received.clone(), behaviour.clone(), delay.clone());
+                let (received, answered, behaviour, delay) = (
+                    received.clone(),
+                    answered.clone(),
+                    behaviour.clone(),
+                    delay.clone(),
+                );
                 conns.spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
-                        let (received, behaviour, delay) =
-                            (received.clone(), behaviour.clone(), delay.clone());
+                        let (received, answered, behaviour, delay) = (
+                            received.clone(),
+                            answered.clone(),
+                            behaviour.clone(),
+                            delay.clone(),
+                        );
                         async move {
+                            let uri = req
+                                .uri()
+                                .path_and_query()
+                                .map(|p| p.as_str().to_string())
+                                .unwrap_or_default();
                             let headers = req
                                 .headers()
                                 .iter()
@@ -519,6 +553,7 @@ impl App {
                             let r = Received {
                                 body,
                                 headers,
+                                uri,
                                 at: Instant::now(),
                             };
                             received.lock().unwrap().push(r.clone());
@@ -528,6 +563,7 @@ impl App {
                             }
                             let f = behaviour.lock().unwrap().clone();
                             let status = f(&r);
+                            answered.lock().unwrap().push((r, status));
                             Ok::<_, std::convert::Infallible>(
                                 Response::builder()
                                     .status(status)
