@@ -4,7 +4,7 @@
 //! `/metrics` tells what happened.
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::common::*;
 
@@ -219,12 +219,16 @@ async fn retries_then_dead_letters(quorum: bool) {
     // Never faster than the backoff: 300ms then 600ms.
     assert!(tries[1].at - tries[0].at >= Duration::from_millis(300));
     assert!(tries[2].at - tries[1].at >= Duration::from_millis(600));
-    // The other messages flowed meanwhile.
+    // The other messages flowed meanwhile: all five reached the app before the last attempt.
+    let others: Vec<_> = app
+        .received()
+        .into_iter()
+        .filter(|r| r.id().starts_with("ok-"))
+        .collect();
+    assert_eq!(others.len(), 5, "every other message reached the app once");
     assert!(
-        app.received()
-            .iter()
-            .filter(|r| r.id().starts_with("ok-"))
-            .all(|r| r.at < tries[2].at)
+        others.iter().all(|r| r.at < tries[2].at),
+        "the other messages did not wait for the retried one"
     );
     let dead = broker.drain(&dlq).await;
     assert_eq!(
@@ -300,6 +304,11 @@ async fn app_down_pauses_consuming_and_loses_nothing() {
     );
     let m = sidecar.metrics().await;
     assert_eq!(metric_value(&m, "rabbit_sidecar_app_up"), Some(0.0));
+    assert_eq!(
+        metric_value(&m, &series("rabbit_sidecar_consumer_up", &queue)),
+        Some(0.0),
+        "no consumer while the app is down"
+    );
     assert!(
         metric_value(
             &m,
@@ -325,6 +334,27 @@ async fn app_down_pauses_consuming_and_loses_nothing() {
     );
     let got: HashSet<String> = app.ids().into_iter().collect();
     assert_eq!(got, ids.into_iter().collect());
+    // No attempt was spent on the outage: each message reaches the app as its first attempt
+    // (given back untouched, not retried through the retry queue).
+    for r in app.received() {
+        assert_eq!(
+            r.header("x-amqp-attempt"),
+            Some("1"),
+            "{} arrived as attempt {:?}",
+            r.id(),
+            r.header("x-amqp-attempt")
+        );
+    }
+    assert_eq!(
+        sidecar
+            .metric(&format!(
+                "rabbit_sidecar_retries_total{{{},reason=\"connection_reset\"}}",
+                q(&queue)
+            ))
+            .await,
+        0.0,
+        "the outage was not counted as a retry"
+    );
     assert_eq!(
         broker
             .count(&format!("{queue}.dead-letter"))
@@ -578,16 +608,36 @@ async fn single_active_consumer_standby_takes_over_after_kill_9() {
             )
             .await
     );
+    // The README's `/status` `standby` → `consuming`.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            standby.get("/status").await.is_some_and(|(_, body)| {
+                serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|doc| {
+                    doc["subscriptions"]
+                        .as_array()
+                        .is_some_and(|subs| subs.iter().any(|s| s["state"] == "consuming"))
+                })
+            })
+        })
+        .await,
+        "the standby's /status says consuming: {:?}",
+        standby.get("/status").await
+    );
     broker.cleanup().await;
 }
 
+/// Four of twenty messages are in the app's hands when SIGTERM comes; the other sixteen were
+/// prefetched and wait for a slot. The grace (10 s) would let a sidecar that keeps dispatching
+/// them finish every one (4 rounds of 2 s), so what proves "unstarted messages are returned" is
+/// that the app never sees them: exactly the four reach it and are acked, the sixteen are back
+/// in the queue untouched.
 #[tokio::test]
 async fn sigterm_drains_in_flight_messages_and_exits_0() {
     let broker = Broker::connect().await;
     let queue = unique("sigterm");
     broker.track(&queue);
     let app = App::start().await;
-    app.set_delay(Duration::from_millis(1500));
+    app.set_delay(Duration::from_secs(2));
     let url = app.url();
     let mut sidecar = Sidecar::start(&args(
         &queue,
@@ -602,34 +652,73 @@ async fn sigterm_drains_in_flight_messages_and_exits_0() {
         ],
     ));
     sidecar.wait_ready(Duration::from_secs(20)).await;
-    broker.publish_n(&queue, 20, "t").await;
+    let ids = broker.publish_n(&queue, 20, "t").await;
     assert!(
         eventually(Duration::from_secs(10), || async {
-            sidecar
-                .metric(&format!(
-                    "rabbit_sidecar_in_flight_messages{{{}}}",
-                    q(&queue)
-                ))
-                .await
-                >= 4.0
+            app.count() == 4 && broker.count(&queue).await.map(|c| c.0) == Some(0)
         })
-        .await
+        .await,
+        "four in the app's hands, all twenty delivered to the sidecar: app {}, ready {:?}",
+        app.count(),
+        broker.count(&queue).await
     );
+    let cancellations = format!(
+        "rabbit_sidecar_consumer_cancellations_total{{{},reason=\"shutdown\"}}",
+        q(&queue)
+    );
+    assert_eq!(sidecar.metric(&cancellations).await, 0.0);
     sidecar.signal("TERM");
+    // While the four finish: not ready, saying why, and the consumer was cancelled for it.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            matches!(sidecar.get("/readyz").await, Some((503, body)) if body.contains("draining"))
+        })
+        .await,
+        "/readyz during the drain: {:?}",
+        sidecar.get("/readyz").await
+    );
+    assert!(
+        sidecar
+            .wait_metric(&cancellations, 1.0, Duration::from_secs(5))
+            .await,
+        "{cancellations} moved: {}",
+        sidecar.metric(&cancellations).await
+    );
     let status = sidecar
         .wait_exit(Duration::from_secs(20))
         .await
         .expect("exits within the grace");
     assert!(status.success(), "exit 0; logs:\n{}", sidecar.logs());
-    // Four were in the app's hands and finished; the rest went back untouched.
-    let done = app.count();
-    assert!(done >= 4, "in-flight messages finished: {done}");
+    let received: HashSet<String> = app.ids().into_iter().collect();
+    assert_eq!(
+        app.count(),
+        4,
+        "only the four in flight reached the app: {:?}",
+        app.ids()
+    );
+    assert_eq!(
+        app.accepted().len(),
+        4,
+        "the four in flight finished: {:?}",
+        app.answered()
+    );
     let (ready, consumers) = broker.count(&queue).await.unwrap();
     assert_eq!(consumers, 0);
     assert_eq!(
-        ready as usize + done,
-        20,
-        "every message acked or back in the queue"
+        ready, 16,
+        "the four acked, the sixteen unstarted back in the queue"
+    );
+    let back: HashSet<String> = broker
+        .drain(&queue)
+        .await
+        .iter()
+        .map(|(body, _)| String::from_utf8_lossy(body).into_owned())
+        .collect();
+    let all: HashSet<String> = ids.into_iter().collect();
+    assert_eq!(
+        back,
+        all.difference(&received).cloned().collect(),
+        "what came back is exactly what the app never saw"
     );
     broker.cleanup().await;
 }
@@ -685,10 +774,28 @@ async fn a_down_first_node_fails_over_to_the_second() {
         free_port(),
         amqp()
     );
-    let mut a = args(&queue, &url, &[]);
+    // A 10 s backoff: a sidecar that backed off after the first node instead of after a full pass
+    // would not be ready for 10 s.
+    let mut a = args(
+        &queue,
+        &url,
+        &[
+            "--reconnect-backoff",
+            "10s",
+            "--reconnect-backoff-max",
+            "10s",
+        ],
+    );
     a[1] = &dead;
+    let started = Instant::now();
     let sidecar = Sidecar::start(&a);
     sidecar.wait_ready(Duration::from_secs(20)).await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the second node was tried at once: ready after {took:?}; logs:\n{}",
+        sidecar.logs()
+    );
     broker.publish_n(&queue, 3, "n").await;
     assert!(eventually(Duration::from_secs(10), || async { app.count() == 3 }).await);
     let status = sidecar.get("/status").await.unwrap().1;
