@@ -882,3 +882,133 @@ async fn management_api_tells_active_from_standby() {
     );
     broker.cleanup().await;
 }
+
+/// A message that kills the sidecar each time it is handled (the app kill -9s the spawned
+/// sidecar when it receives it) on a quorum queue: the broker counts each return in
+/// `x-delivery-count`, so the delivery after the `--max-deliveries`th is dead-lettered on
+/// arrival, without reaching the app, and everything else is accepted. Prefetch 1 keeps the
+/// other messages out of the dying sidecar's hands, so only the poison one is counted.
+#[tokio::test]
+async fn a_message_that_kills_the_sidecar_is_dead_lettered_on_arrival_quorum() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    let broker = Broker::connect().await;
+    let queue = unique("crashloop");
+    broker.declare(&queue, true, false).await;
+    let app = App::start().await;
+    let pid = Arc::new(AtomicU32::new(0));
+    let kills = Arc::new(AtomicU32::new(0));
+    let (victim, counted) = (pid.clone(), kills.clone());
+    app.answer(move |r| {
+        if r.id() == "crash" {
+            let pid = victim.load(Ordering::SeqCst);
+            let killed = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            if killed {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        200
+    });
+    let url = app.url();
+    let a = args(
+        &queue,
+        &url,
+        &[
+            "--queue-type",
+            "quorum",
+            "--max-deliveries",
+            "3",
+            "--prefetch",
+            "1",
+            "--concurrency",
+            "1",
+        ],
+    );
+    let mut ids = broker.publish_n(&queue, 5, "before").await;
+    broker
+        .publish(
+            &queue,
+            b"crash",
+            lapin::BasicProperties::default().with_message_id("crash".into()),
+        )
+        .await;
+    ids.extend(broker.publish_n(&queue, 5, "after").await);
+    let dlq = format!("{queue}.dead-letter");
+    // Start a sidecar, and another each time one dies, until the poison message is
+    // dead-lettered: three deaths, then the fourth sidecar dead-letters it. Bounded: a sidecar
+    // that kept dispatching it would be killed every time, so give up after six.
+    let mut sidecar = None;
+    let mut spawned = 0;
+    while spawned < 6 {
+        let mut s = Sidecar::spawn(&a);
+        pid.store(s.pid(), Ordering::SeqCst);
+        spawned += 1;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut dead_lettered = false;
+        while Instant::now() < deadline {
+            if broker.count(&dlq).await.map(|c| c.0) == Some(1) {
+                dead_lettered = true;
+                break;
+            }
+            if !s.running() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if dead_lettered {
+            sidecar = Some(s);
+            break;
+        }
+        assert!(
+            s.wait_exit(Duration::from_secs(5)).await.is_some(),
+            "sidecar {spawned} neither died nor dead-lettered the message; logs:\n{}",
+            s.logs()
+        );
+    }
+    let sidecar = sidecar.unwrap_or_else(|| {
+        panic!(
+            "not dead-lettered after {spawned} sidecars, {} kills",
+            kills.load(Ordering::SeqCst)
+        )
+    });
+    assert_eq!(
+        kills.load(Ordering::SeqCst),
+        3,
+        "killed once per allowed delivery"
+    );
+    assert_eq!(spawned, 4);
+    let handed = app.ids().iter().filter(|id| *id == "crash").count();
+    assert_eq!(handed, 3, "never handed to the app past --max-deliveries");
+    let want: HashSet<String> = ids.into_iter().collect();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            let got: HashSet<String> = app.accepted().into_iter().collect();
+            want.is_subset(&got)
+        })
+        .await,
+        "everything else accepted: {:?}; logs:\n{}",
+        app.accepted(),
+        sidecar.logs()
+    );
+    let dead = broker.drain(&dlq).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].0, b"crash");
+    assert_eq!(
+        header_str(&dead[0].1, "x-sidecar-dead-letter-reason").as_deref(),
+        Some("max_deliveries")
+    );
+    assert_eq!(
+        sidecar
+            .metric(&format!(
+                "rabbit_sidecar_dead_letters_total{{{},reason=\"max_deliveries\"}}",
+                q(&queue)
+            ))
+            .await,
+        1.0
+    );
+    broker.cleanup().await;
+}
