@@ -1012,3 +1012,148 @@ async fn a_message_that_kills_the_sidecar_is_dead_lettered_on_arrival_quorum() {
     );
     broker.cleanup().await;
 }
+
+/// How the dead-letter queue fails the sidecar's copy in [`unconfirmed_dead_letter`].
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum DeadLetterPath {
+    /// Deleted under the running sidecar: the mandatory copy comes back unroutable.
+    Missing,
+    /// Full (`x-max-length 1`, `x-overflow reject-publish`): the broker nacks the copy.
+    Refused,
+}
+
+/// A poison message (answered 400) whose dead-letter copy the broker does not confirm: the
+/// original is held one backoff step, then given back, and tried again: each round a
+/// `dead_letter_failures_total`, never a loss, never a hot loop; the other messages flow. Once
+/// the dead-letter queue accepts copies again, the message is dead-lettered.
+async fn unconfirmed_dead_letter(path: DeadLetterPath) {
+    use lapin::options::{QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+
+    let broker = Broker::connect().await;
+    let queue = unique("unconfirmed");
+    broker.declare(&queue, false, false).await;
+    let dlq = format!("{queue}.dead-letter");
+    let declare_dlq = |full: bool| {
+        let mut args = FieldTable::default();
+        if full {
+            args.insert("x-max-length".into(), AMQPValue::LongInt(1));
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("reject-publish".into()),
+            );
+        }
+        let (ch, dlq) = (broker.ch.clone(), dlq.clone());
+        async move {
+            ch.queue_declare(
+                dlq.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await
+            .unwrap();
+        }
+    };
+    if path == DeadLetterPath::Refused {
+        declare_dlq(true).await;
+        broker.publish(&dlq, b"filler", Default::default()).await;
+    }
+    let app = App::start().await;
+    app.answer(|r| if r.id() == "poison" { 400 } else { 200 });
+    let url = app.url();
+    let sidecar = Sidecar::start(&args(
+        &queue,
+        &url,
+        &["--retry-backoff", "500ms", "--retry-backoff-max", "500ms"],
+    ));
+    sidecar.wait_ready(Duration::from_secs(20)).await;
+    if path == DeadLetterPath::Missing {
+        assert!(broker.count(&dlq).await.is_some(), "the sidecar made it");
+        let ch = broker.conn.create_channel().await.unwrap();
+        ch.queue_delete(dlq.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+    broker.publish(&queue, b"poison", Default::default()).await;
+    let ok = broker.publish_n(&queue, 3, "ok").await;
+    let failures = format!("rabbit_sidecar_dead_letter_failures_total{{{}}}", q(&queue));
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            sidecar.metric(&failures).await >= 3.0
+        })
+        .await,
+        "{failures}: {}; logs:\n{}",
+        sidecar.metric(&failures).await,
+        sidecar.logs()
+    );
+    // Held one backoff step (500 ms) before each new try: not a hot loop.
+    let tries: Vec<Instant> = app
+        .received()
+        .iter()
+        .filter(|r| r.id() == "poison")
+        .map(|r| r.at)
+        .collect();
+    assert!(tries.len() >= 3, "{} tries", tries.len());
+    for pair in tries.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= Duration::from_millis(450),
+            "tries {:?} apart: the original was not held",
+            pair[1] - pair[0]
+        );
+    }
+    let rejected = format!(
+        "rabbit_sidecar_dead_letters_total{{{},reason=\"rejected\"}}",
+        q(&queue)
+    );
+    assert_eq!(
+        sidecar.metric(&rejected).await,
+        0.0,
+        "no dead letter confirmed"
+    );
+    let accepted: HashSet<String> = app.accepted().into_iter().collect();
+    assert!(
+        ok.iter().all(|id| accepted.contains(id)),
+        "the other messages flowed: {accepted:?}"
+    );
+    // The path heals: the poison message is dead-lettered, nothing is left behind.
+    match path {
+        DeadLetterPath::Missing => declare_dlq(false).await,
+        DeadLetterPath::Refused => {
+            broker
+                .ch
+                .queue_purge(dlq.as_str().into(), QueuePurgeOptions::default())
+                .await
+                .unwrap();
+        }
+    }
+    assert!(
+        sidecar
+            .wait_metric(&rejected, 1.0, Duration::from_secs(15))
+            .await,
+        "dead-lettered once the queue takes copies; logs:\n{}",
+        sidecar.logs()
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            broker.count(&queue).await.map(|c| c.0) == Some(0)
+        })
+        .await
+    );
+    let dead = broker.drain(&dlq).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].0, b"poison");
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_unconfirmed_dead_letter_is_held_then_requeued_dead_letter_queue_missing() {
+    unconfirmed_dead_letter(DeadLetterPath::Missing).await;
+}
+
+#[tokio::test]
+async fn an_unconfirmed_dead_letter_is_held_then_requeued_broker_refuses() {
+    unconfirmed_dead_letter(DeadLetterPath::Refused).await;
+}
