@@ -2,8 +2,8 @@
 //! tables (nested values, odd names, raw bytes) never panic, and what reaches the app is always a
 //! valid header carrying a scalar value.
 //!
-//! `trace.rs` has no context extraction yet (it is a placeholder), so there is nothing there to
-//! test here.
+//! Trace context extraction (`telemetry::trace::extract_context`) is not covered here: it has its
+//! own unit tests in `src/telemetry/tests/trace_spans.rs`.
 
 use std::collections::BTreeMap;
 

@@ -153,6 +153,32 @@ async fn hangs_resets_slow_answers_and_huge_bodies_each_keep_the_promise() {
         "ok-*, slow-*, huge-* acked; {}",
         sidecar.metrics().await
     );
+    // The dead-letter count above is not proof that every retry was made: a message
+    // duplicated by a lost connection (its copy confirmed, its ack lost: at-least-once) is
+    // dead-lettered twice, and six letters can then be reached while an id still has retries
+    // ahead. That is the one mechanism found that fits the one failure seen (a single scrape here
+    // read 3 connection resets for 6 under a fully loaded run, with every message dead-lettered
+    // after its third attempt; a heartbeat of 2 s on a starved machine loses connections); the
+    // scrape of that run was not kept, so it is not proven. Either way a moment's scrape raced
+    // the retries: wait for the counts, then hold them exact, and again at the end (no loop).
+    let timeouts = format!("rabbit_sidecar_retries_total{{{q},reason=\"timeout\"}}");
+    let resets = format!("rabbit_sidecar_retries_total{{{q},reason=\"connection_reset\"}}");
+    for (series, what) in [
+        (
+            &timeouts,
+            "each hang retried twice after the handler timeout",
+        ),
+        (&resets, "each reset retried twice"),
+    ] {
+        assert!(
+            sidecar
+                .wait_metric(series, 6.0, Duration::from_secs(30))
+                .await,
+            "{what}: {series} = {}; logs:\n{}",
+            sidecar.metric(series).await,
+            sidecar.logs()
+        );
+    }
     let m = sidecar.metrics().await;
     println!(
         "{}",
@@ -162,24 +188,6 @@ async fn hangs_resets_slow_answers_and_huge_bodies_each_keep_the_promise() {
             .join("\n")
     );
     let v = |series: String| metric_value(&m, &series).unwrap_or(f64::NAN);
-    assert_eq!(
-        v(format!(
-            "rabbit_sidecar_retries_total{{{q},reason=\"timeout\"}}"
-        )),
-        6.0,
-        "each hang retried twice after the handler timeout"
-    );
-    // Each close-* is retried twice and then dead-lettered (the dead-letter count above proves the
-    // bound). Once, under a fully loaded CI run, 3 of the 6 were missing here while every message
-    // still dead-lettered after its third attempt; the scrape above is printed to tell why if it
-    // happens again. Never more than 6: that would be a loop.
-    let resets = v(format!(
-        "rabbit_sidecar_retries_total{{{q},reason=\"connection_reset\"}}"
-    ));
-    assert!(
-        (3.0..=6.0).contains(&resets),
-        "each reset retried, never looped: {resets}"
-    );
     assert_eq!(
         v(format!(
             "rabbit_sidecar_dead_letters_total{{{q},reason=\"max_deliveries\"}}"
@@ -247,6 +255,9 @@ async fn hangs_resets_slow_answers_and_huge_bodies_each_keep_the_promise() {
         .await
     );
     assert_eq!(sidecar.get("/healthz").await.unwrap().0, 200);
+    for series in [&timeouts, &resets] {
+        assert_eq!(sidecar.metric(series).await, 6.0, "{series}: never a loop");
+    }
     server.abort();
     broker.cleanup().await;
 }

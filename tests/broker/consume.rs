@@ -4,7 +4,7 @@
 //! `/metrics` tells what happened.
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::common::*;
 
@@ -219,12 +219,16 @@ async fn retries_then_dead_letters(quorum: bool) {
     // Never faster than the backoff: 300ms then 600ms.
     assert!(tries[1].at - tries[0].at >= Duration::from_millis(300));
     assert!(tries[2].at - tries[1].at >= Duration::from_millis(600));
-    // The other messages flowed meanwhile.
+    // The other messages flowed meanwhile: all five reached the app before the last attempt.
+    let others: Vec<_> = app
+        .received()
+        .into_iter()
+        .filter(|r| r.id().starts_with("ok-"))
+        .collect();
+    assert_eq!(others.len(), 5, "every other message reached the app once");
     assert!(
-        app.received()
-            .iter()
-            .filter(|r| r.id().starts_with("ok-"))
-            .all(|r| r.at < tries[2].at)
+        others.iter().all(|r| r.at < tries[2].at),
+        "the other messages did not wait for the retried one"
     );
     let dead = broker.drain(&dlq).await;
     assert_eq!(
@@ -300,6 +304,11 @@ async fn app_down_pauses_consuming_and_loses_nothing() {
     );
     let m = sidecar.metrics().await;
     assert_eq!(metric_value(&m, "rabbit_sidecar_app_up"), Some(0.0));
+    assert_eq!(
+        metric_value(&m, &series("rabbit_sidecar_consumer_up", &queue)),
+        Some(0.0),
+        "no consumer while the app is down"
+    );
     assert!(
         metric_value(
             &m,
@@ -325,6 +334,27 @@ async fn app_down_pauses_consuming_and_loses_nothing() {
     );
     let got: HashSet<String> = app.ids().into_iter().collect();
     assert_eq!(got, ids.into_iter().collect());
+    // No attempt was spent on the outage: each message reaches the app as its first attempt
+    // (given back untouched, not retried through the retry queue).
+    for r in app.received() {
+        assert_eq!(
+            r.header("x-amqp-attempt"),
+            Some("1"),
+            "{} arrived as attempt {:?}",
+            r.id(),
+            r.header("x-amqp-attempt")
+        );
+    }
+    assert_eq!(
+        sidecar
+            .metric(&format!(
+                "rabbit_sidecar_retries_total{{{},reason=\"connection_reset\"}}",
+                q(&queue)
+            ))
+            .await,
+        0.0,
+        "the outage was not counted as a retry"
+    );
     assert_eq!(
         broker
             .count(&format!("{queue}.dead-letter"))
@@ -578,16 +608,36 @@ async fn single_active_consumer_standby_takes_over_after_kill_9() {
             )
             .await
     );
+    // The README's `/status` `standby` → `consuming`.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            standby.get("/status").await.is_some_and(|(_, body)| {
+                serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|doc| {
+                    doc["subscriptions"]
+                        .as_array()
+                        .is_some_and(|subs| subs.iter().any(|s| s["state"] == "consuming"))
+                })
+            })
+        })
+        .await,
+        "the standby's /status says consuming: {:?}",
+        standby.get("/status").await
+    );
     broker.cleanup().await;
 }
 
+/// Four of twenty messages are in the app's hands when SIGTERM comes; the other sixteen were
+/// prefetched and wait for a slot. The grace (10 s) would let a sidecar that keeps dispatching
+/// them finish every one (4 rounds of 2 s), so what proves "unstarted messages are returned" is
+/// that the app never sees them: exactly the four reach it and are acked, the sixteen are back
+/// in the queue untouched.
 #[tokio::test]
 async fn sigterm_drains_in_flight_messages_and_exits_0() {
     let broker = Broker::connect().await;
     let queue = unique("sigterm");
     broker.track(&queue);
     let app = App::start().await;
-    app.set_delay(Duration::from_millis(1500));
+    app.set_delay(Duration::from_secs(2));
     let url = app.url();
     let mut sidecar = Sidecar::start(&args(
         &queue,
@@ -602,34 +652,73 @@ async fn sigterm_drains_in_flight_messages_and_exits_0() {
         ],
     ));
     sidecar.wait_ready(Duration::from_secs(20)).await;
-    broker.publish_n(&queue, 20, "t").await;
+    let ids = broker.publish_n(&queue, 20, "t").await;
     assert!(
         eventually(Duration::from_secs(10), || async {
-            sidecar
-                .metric(&format!(
-                    "rabbit_sidecar_in_flight_messages{{{}}}",
-                    q(&queue)
-                ))
-                .await
-                >= 4.0
+            app.count() == 4 && broker.count(&queue).await.map(|c| c.0) == Some(0)
         })
-        .await
+        .await,
+        "four in the app's hands, all twenty delivered to the sidecar: app {}, ready {:?}",
+        app.count(),
+        broker.count(&queue).await
     );
+    let cancellations = format!(
+        "rabbit_sidecar_consumer_cancellations_total{{{},reason=\"shutdown\"}}",
+        q(&queue)
+    );
+    assert_eq!(sidecar.metric(&cancellations).await, 0.0);
     sidecar.signal("TERM");
+    // While the four finish: not ready, saying why, and the consumer was cancelled for it.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            matches!(sidecar.get("/readyz").await, Some((503, body)) if body.contains("draining"))
+        })
+        .await,
+        "/readyz during the drain: {:?}",
+        sidecar.get("/readyz").await
+    );
+    assert!(
+        sidecar
+            .wait_metric(&cancellations, 1.0, Duration::from_secs(5))
+            .await,
+        "{cancellations} moved: {}",
+        sidecar.metric(&cancellations).await
+    );
     let status = sidecar
         .wait_exit(Duration::from_secs(20))
         .await
         .expect("exits within the grace");
     assert!(status.success(), "exit 0; logs:\n{}", sidecar.logs());
-    // Four were in the app's hands and finished; the rest went back untouched.
-    let done = app.count();
-    assert!(done >= 4, "in-flight messages finished: {done}");
+    let received: HashSet<String> = app.ids().into_iter().collect();
+    assert_eq!(
+        app.count(),
+        4,
+        "only the four in flight reached the app: {:?}",
+        app.ids()
+    );
+    assert_eq!(
+        app.accepted().len(),
+        4,
+        "the four in flight finished: {:?}",
+        app.answered()
+    );
     let (ready, consumers) = broker.count(&queue).await.unwrap();
     assert_eq!(consumers, 0);
     assert_eq!(
-        ready as usize + done,
-        20,
-        "every message acked or back in the queue"
+        ready, 16,
+        "the four acked, the sixteen unstarted back in the queue"
+    );
+    let back: HashSet<String> = broker
+        .drain(&queue)
+        .await
+        .iter()
+        .map(|(body, _)| String::from_utf8_lossy(body).into_owned())
+        .collect();
+    let all: HashSet<String> = ids.into_iter().collect();
+    assert_eq!(
+        back,
+        all.difference(&received).cloned().collect(),
+        "what came back is exactly what the app never saw"
     );
     broker.cleanup().await;
 }
@@ -685,10 +774,28 @@ async fn a_down_first_node_fails_over_to_the_second() {
         free_port(),
         amqp()
     );
-    let mut a = args(&queue, &url, &[]);
+    // A 10 s backoff: a sidecar that backed off after the first node instead of after a full pass
+    // would not be ready for 10 s.
+    let mut a = args(
+        &queue,
+        &url,
+        &[
+            "--reconnect-backoff",
+            "10s",
+            "--reconnect-backoff-max",
+            "10s",
+        ],
+    );
     a[1] = &dead;
+    let started = Instant::now();
     let sidecar = Sidecar::start(&a);
     sidecar.wait_ready(Duration::from_secs(20)).await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the second node was tried at once: ready after {took:?}; logs:\n{}",
+        sidecar.logs()
+    );
     broker.publish_n(&queue, 3, "n").await;
     assert!(eventually(Duration::from_secs(10), || async { app.count() == 3 }).await);
     let status = sidecar.get("/status").await.unwrap().1;
@@ -774,4 +881,279 @@ async fn management_api_tells_active_from_standby() {
         "the standby becomes active"
     );
     broker.cleanup().await;
+}
+
+/// A message that kills the sidecar each time it is handled (the app kill -9s the spawned
+/// sidecar when it receives it) on a quorum queue: the broker counts each return in
+/// `x-delivery-count`, so the delivery after the `--max-deliveries`th is dead-lettered on
+/// arrival, without reaching the app, and everything else is accepted. Prefetch 1 keeps the
+/// other messages out of the dying sidecar's hands, so only the poison one is counted.
+#[tokio::test]
+async fn a_message_that_kills_the_sidecar_is_dead_lettered_on_arrival_quorum() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    let broker = Broker::connect().await;
+    let queue = unique("crashloop");
+    broker.declare(&queue, true, false).await;
+    let app = App::start().await;
+    let pid = Arc::new(AtomicU32::new(0));
+    let kills = Arc::new(AtomicU32::new(0));
+    let (victim, counted) = (pid.clone(), kills.clone());
+    app.answer(move |r| {
+        if r.id() == "crash" {
+            let pid = victim.load(Ordering::SeqCst);
+            let killed = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            if killed {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        200
+    });
+    let url = app.url();
+    let a = args(
+        &queue,
+        &url,
+        &[
+            "--queue-type",
+            "quorum",
+            "--max-deliveries",
+            "3",
+            "--prefetch",
+            "1",
+            "--concurrency",
+            "1",
+        ],
+    );
+    let mut ids = broker.publish_n(&queue, 5, "before").await;
+    broker
+        .publish(
+            &queue,
+            b"crash",
+            lapin::BasicProperties::default().with_message_id("crash".into()),
+        )
+        .await;
+    ids.extend(broker.publish_n(&queue, 5, "after").await);
+    let dlq = format!("{queue}.dead-letter");
+    // Start a sidecar, and another each time one dies, until the poison message is
+    // dead-lettered: three deaths, then the fourth sidecar dead-letters it. Bounded: a sidecar
+    // that kept dispatching it would be killed every time, so give up after six.
+    let mut sidecar = None;
+    let mut spawned = 0;
+    while spawned < 6 {
+        let mut s = Sidecar::spawn(&a);
+        pid.store(s.pid(), Ordering::SeqCst);
+        spawned += 1;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut dead_lettered = false;
+        while Instant::now() < deadline {
+            if broker.count(&dlq).await.map(|c| c.0) == Some(1) {
+                dead_lettered = true;
+                break;
+            }
+            if !s.running() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if dead_lettered {
+            sidecar = Some(s);
+            break;
+        }
+        assert!(
+            s.wait_exit(Duration::from_secs(5)).await.is_some(),
+            "sidecar {spawned} neither died nor dead-lettered the message; logs:\n{}",
+            s.logs()
+        );
+    }
+    let sidecar = sidecar.unwrap_or_else(|| {
+        panic!(
+            "not dead-lettered after {spawned} sidecars, {} kills",
+            kills.load(Ordering::SeqCst)
+        )
+    });
+    assert_eq!(
+        kills.load(Ordering::SeqCst),
+        3,
+        "killed once per allowed delivery"
+    );
+    assert_eq!(spawned, 4);
+    let handed = app.ids().iter().filter(|id| *id == "crash").count();
+    assert_eq!(handed, 3, "never handed to the app past --max-deliveries");
+    let want: HashSet<String> = ids.into_iter().collect();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            let got: HashSet<String> = app.accepted().into_iter().collect();
+            want.is_subset(&got)
+        })
+        .await,
+        "everything else accepted: {:?}; logs:\n{}",
+        app.accepted(),
+        sidecar.logs()
+    );
+    let dead = broker.drain(&dlq).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].0, b"crash");
+    assert_eq!(
+        header_str(&dead[0].1, "x-sidecar-dead-letter-reason").as_deref(),
+        Some("max_deliveries")
+    );
+    assert_eq!(
+        sidecar
+            .metric(&format!(
+                "rabbit_sidecar_dead_letters_total{{{},reason=\"max_deliveries\"}}",
+                q(&queue)
+            ))
+            .await,
+        1.0
+    );
+    broker.cleanup().await;
+}
+
+/// How the dead-letter queue fails the sidecar's copy in [`unconfirmed_dead_letter`].
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum DeadLetterPath {
+    /// Deleted under the running sidecar: the mandatory copy comes back unroutable.
+    Missing,
+    /// Full (`x-max-length 1`, `x-overflow reject-publish`): the broker nacks the copy.
+    Refused,
+}
+
+/// A poison message (answered 400) whose dead-letter copy the broker does not confirm: the
+/// original is held one backoff step, then given back, and tried again: each round a
+/// `dead_letter_failures_total`, never a loss, never a hot loop; the other messages flow. Once
+/// the dead-letter queue accepts copies again, the message is dead-lettered.
+async fn unconfirmed_dead_letter(path: DeadLetterPath) {
+    use lapin::options::{QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+
+    let broker = Broker::connect().await;
+    let queue = unique("unconfirmed");
+    broker.declare(&queue, false, false).await;
+    let dlq = format!("{queue}.dead-letter");
+    let declare_dlq = |full: bool| {
+        let mut args = FieldTable::default();
+        if full {
+            args.insert("x-max-length".into(), AMQPValue::LongInt(1));
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("reject-publish".into()),
+            );
+        }
+        let (ch, dlq) = (broker.ch.clone(), dlq.clone());
+        async move {
+            ch.queue_declare(
+                dlq.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await
+            .unwrap();
+        }
+    };
+    if path == DeadLetterPath::Refused {
+        declare_dlq(true).await;
+        broker.publish(&dlq, b"filler", Default::default()).await;
+    }
+    let app = App::start().await;
+    app.answer(|r| if r.id() == "poison" { 400 } else { 200 });
+    let url = app.url();
+    let sidecar = Sidecar::start(&args(
+        &queue,
+        &url,
+        &["--retry-backoff", "500ms", "--retry-backoff-max", "500ms"],
+    ));
+    sidecar.wait_ready(Duration::from_secs(20)).await;
+    if path == DeadLetterPath::Missing {
+        assert!(broker.count(&dlq).await.is_some(), "the sidecar made it");
+        let ch = broker.conn.create_channel().await.unwrap();
+        ch.queue_delete(dlq.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+    broker.publish(&queue, b"poison", Default::default()).await;
+    let ok = broker.publish_n(&queue, 3, "ok").await;
+    let failures = format!("rabbit_sidecar_dead_letter_failures_total{{{}}}", q(&queue));
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            sidecar.metric(&failures).await >= 3.0
+        })
+        .await,
+        "{failures}: {}; logs:\n{}",
+        sidecar.metric(&failures).await,
+        sidecar.logs()
+    );
+    // Held one backoff step (500 ms) before each new try: not a hot loop.
+    let tries: Vec<Instant> = app
+        .received()
+        .iter()
+        .filter(|r| r.id() == "poison")
+        .map(|r| r.at)
+        .collect();
+    assert!(tries.len() >= 3, "{} tries", tries.len());
+    for pair in tries.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= Duration::from_millis(450),
+            "tries {:?} apart: the original was not held",
+            pair[1] - pair[0]
+        );
+    }
+    let rejected = format!(
+        "rabbit_sidecar_dead_letters_total{{{},reason=\"rejected\"}}",
+        q(&queue)
+    );
+    assert_eq!(
+        sidecar.metric(&rejected).await,
+        0.0,
+        "no dead letter confirmed"
+    );
+    let accepted: HashSet<String> = app.accepted().into_iter().collect();
+    assert!(
+        ok.iter().all(|id| accepted.contains(id)),
+        "the other messages flowed: {accepted:?}"
+    );
+    // The path heals: the poison message is dead-lettered, nothing is left behind.
+    match path {
+        DeadLetterPath::Missing => declare_dlq(false).await,
+        DeadLetterPath::Refused => {
+            broker
+                .ch
+                .queue_purge(dlq.as_str().into(), QueuePurgeOptions::default())
+                .await
+                .unwrap();
+        }
+    }
+    assert!(
+        sidecar
+            .wait_metric(&rejected, 1.0, Duration::from_secs(15))
+            .await,
+        "dead-lettered once the queue takes copies; logs:\n{}",
+        sidecar.logs()
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            broker.count(&queue).await.map(|c| c.0) == Some(0)
+        })
+        .await
+    );
+    let dead = broker.drain(&dlq).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].0, b"poison");
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_unconfirmed_dead_letter_is_held_then_requeued_dead_letter_queue_missing() {
+    unconfirmed_dead_letter(DeadLetterPath::Missing).await;
+}
+
+#[tokio::test]
+async fn an_unconfirmed_dead_letter_is_held_then_requeued_broker_refuses() {
+    unconfirmed_dead_letter(DeadLetterPath::Refused).await;
 }

@@ -315,6 +315,14 @@ async fn chaos(quorum: bool) {
         schedule.push((at, fault, detail));
     }
     let faults_done = started.elapsed();
+    // Every kind of fault happened at least once: a run that drained before the fourth fault
+    // proved nothing about the kinds it never reached.
+    for fault in &faults {
+        assert!(
+            counts.get(fault).is_some_and(|n| *n >= 1),
+            "{fault:?} was never injected (faults: {counts:?}); more messages are needed"
+        );
+    }
 
     // Healed: the broker and the app are up, three sidecars run. Everything must drain.
     let drain_limit = if plan.long {

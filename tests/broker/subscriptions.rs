@@ -149,13 +149,15 @@ path = "/payments"
     publish_to(&broker, &exchange, "order.created", "o1").await;
     publish_to(&broker, &exchange, "payment.done", "p1").await;
     assert!(eventually(Duration::from_secs(10), || async { app.count() == 2 }).await);
+    // Each subscription reaches its own `path` on the app, joined to the target URL's host.
     for r in app.received() {
-        let expected = if r.id() == "o1" {
-            orders.as_str()
+        let (queue, path) = if r.id() == "o1" {
+            (orders.as_str(), "/orders")
         } else {
-            payments.as_str()
+            (payments.as_str(), "/payments")
         };
-        assert_eq!(r.header("x-amqp-queue"), Some(expected));
+        assert_eq!(r.header("x-amqp-queue"), Some(queue));
+        assert_eq!(r.uri, path, "{} went to its subscription's path", r.id());
     }
     let status = sidecar.get("/status").await.unwrap().1;
     assert!(
@@ -201,6 +203,17 @@ path = "/payments"
         .await
     );
     sidecar.wait_ready(Duration::from_secs(10)).await;
+    let paths: Vec<(String, String)> = app
+        .received()
+        .iter()
+        .map(|r| (r.id(), r.uri.clone()))
+        .collect();
+    for (id, path) in [("o2", "/orders"), ("p2", "/payments")] {
+        assert!(
+            paths.contains(&(id.to_string(), path.to_string())),
+            "{id} went to {path} after the other subscription's queue came back: {paths:?}"
+        );
+    }
     broker.cleanup().await;
     delete_exchange(&broker, &exchange).await;
 }

@@ -438,6 +438,8 @@ pub fn close_connections_named(needle: &str) -> usize {
 pub struct Received {
     pub body: Vec<u8>,
     pub headers: HashMap<String, String>,
+    /// The request's path and query, as the app saw it (`/events/orders`).
+    pub uri: String,
     pub at: Instant,
 }
 
@@ -457,6 +459,9 @@ type ReplyHeaders = Arc<dyn Fn(&Received) -> Vec<(String, String)> + Send + Sync
 pub struct App {
     pub addr: SocketAddr,
     pub received: Arc<Mutex<Vec<Received>>>,
+    /// Each request with the status the app answered, in the order the answers were given; a
+    /// request whose connection closed before the answer is not here.
+    answered: Arc<Mutex<Vec<(Received, u16)>>>,
     behaviour: Arc<Mutex<Behaviour>>,
     reply_headers: Arc<Mutex<ReplyHeaders>>,
     delay: Arc<Mutex<Duration>>,
@@ -472,6 +477,7 @@ impl App {
         let mut app = App {
             addr,
             received: Arc::default(),
+            answered: Arc::default(),
             behaviour: Arc::new(Mutex::new(Arc::new(|_: &Received| 200))),
             reply_headers: Arc::new(Mutex::new(Arc::new(|_: &Received| Vec::new()))),
             delay: Arc::default(),
@@ -509,7 +515,7 @@ impl App {
         self.received.lock().unwrap().len()
     }
 
-    /// Ids answered 2xx by the app at least once.
+    /// The id of every request the app received, whatever it answered (duplicates included).
     pub fn ids(&self) -> Vec<String> {
         self.received().iter().map(Received::id).collect()
     }
@@ -523,6 +529,20 @@ impl App {
         .await
     }
 
+    /// Each request the app answered, with the status it answered.
+    pub fn answered(&self) -> Vec<(Received, u16)> {
+        self.answered.lock().unwrap().clone()
+    }
+
+    /// The ids the app answered 2xx at least once (duplicates included).
+    pub fn accepted(&self) -> Vec<String> {
+        self.answered()
+            .iter()
+            .filter(|(_, status)| (200..300).contains(status))
+            .map(|(r, _)| r.id())
+            .collect()
+    }
+
     /// Stops listening and drops every open connection: the app is down.
     pub fn down(&mut self) {
         if let Some(s) = self.server.take() {
@@ -534,8 +554,9 @@ impl App {
     pub async fn up(&mut self) {
         let listener = bind_retry(self.addr).await;
         self.addr = listener.local_addr().unwrap();
-        let (received, behaviour, delay) = (
+        let (received, answered, behaviour, delay) = (
             self.received.clone(),
+            self.answered.clone(),
             self.behaviour.clone(),
             self.delay.clone(),
         );
@@ -546,15 +567,28 @@ impl App {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (received, behaviour, delay) =
-                    (received.clone(), behaviour.clone(), delay.clone());
+                let (received, answered, behaviour, delay) = (
+                    received.clone(),
+                    answered.clone(),
+                    behaviour.clone(),
+                    delay.clone(),
+                );
                 let reply_headers = reply_headers.clone();
                 conns.spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
-                        let (received, behaviour, delay) =
-                            (received.clone(), behaviour.clone(), delay.clone());
+                        let (received, answered, behaviour, delay) = (
+                            received.clone(),
+                            answered.clone(),
+                            behaviour.clone(),
+                            delay.clone(),
+                        );
                         let reply_headers = reply_headers.clone();
                         async move {
+                            let uri = req
+                                .uri()
+                                .path_and_query()
+                                .map(|p| p.as_str().to_string())
+                                .unwrap_or_default();
                             let headers = req
                                 .headers()
                                 .iter()
@@ -571,6 +605,7 @@ impl App {
                             let r = Received {
                                 body,
                                 headers,
+                                uri,
                                 at: Instant::now(),
                             };
                             received.lock().unwrap().push(r.clone());
@@ -587,6 +622,7 @@ impl App {
                             for (name, value) in extra {
                                 response = response.header(name, value);
                             }
+                            answered.lock().unwrap().push((r, status));
                             Ok::<_, std::convert::Infallible>(
                                 response
                                     .body(Full::new(Bytes::from_static(b"answer")))
