@@ -247,6 +247,16 @@ fn subscription(l: &impl Lookup, base_target: &Uri) -> Result<SubscriptionConfig
             ),
         ));
     }
+    // Capped at half the prefetch: acks held back for a batch hold prefetch slots, and the
+    // broker must keep room to deliver the next messages meanwhile.
+    let ack_batch_max = (l.required(&keys::ACK_BATCH_MAX, |s| parse_int(s, 1, 65_535))? as usize)
+        .min((usize::from(prefetch) / 2).max(1));
+    let ack_batch_wait = l.required(&keys::ACK_BATCH_WAIT, |s| match parse_duration(s)? {
+        d if d > Duration::from_secs(10) => Err(format!(
+            "{s:?} is longer than 10s: held acks keep messages from other consumers, and a crash redelivers them"
+        )),
+        d => Ok(d),
+    })?;
     let retry_backoff = l.required(&keys::RETRY_BACKOFF, parse_duration)?;
     let retry_backoff_max = l.required(&keys::RETRY_BACKOFF_MAX, parse_duration)?;
     if retry_backoff > retry_backoff_max {
@@ -317,6 +327,8 @@ fn subscription(l: &impl Lookup, base_target: &Uri) -> Result<SubscriptionConfig
         target_url,
         prefetch,
         concurrency,
+        ack_batch_max,
+        ack_batch_wait,
         handler_timeout: l.required(&keys::HANDLER_TIMEOUT, parse_positive_duration)?,
         max_deliveries: l.required(&keys::MAX_DELIVERIES, |s| parse_int(s, 1, 1_000_000))? as u32,
         retry_backoff,

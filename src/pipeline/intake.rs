@@ -15,7 +15,7 @@ use lapin::{BasicProperties, Channel, Consumer};
 use tokio_util::sync::PollSemaphore;
 
 use super::handle::handle;
-use super::{Ctx, Shared, settle};
+use super::{Ctx, settle};
 use crate::headers;
 use crate::policy;
 use crate::telemetry::events::{Event, MessageReceived, ReturnReason};
@@ -115,7 +115,7 @@ pub(super) async fn pump(ctx: &Arc<Ctx>, consumer: &mut Consumer) -> Pump {
     }
     for received in waiting {
         if let Some(why) = why {
-            settle::give_back(shared, sub.queue(), &received.delivery, why, None).await;
+            settle::give_back(ctx, &received.delivery, why, None).await;
         }
         shared.health.settled(sub.queue(), received.id, false);
     }
@@ -150,6 +150,7 @@ fn receive(ctx: &Ctx, delivery: Delivery) -> Box<Received> {
     } = ctx;
     let queue = sub.queue();
     let id = sub.next_id.fetch_add(1, Ordering::Relaxed);
+    ctx.acks.delivered(delivery.delivery_tag);
     let prior = headers::prior_attempts(delivery.properties.headers().as_ref());
     let attempt = prior.saturating_add(1);
     shared.health.delivered(queue, id);
@@ -171,8 +172,7 @@ fn receive(ctx: &Ctx, delivery: Delivery) -> Box<Received> {
 
 /// Cancels the consumer and gives back what the broker pushed before the cancel took effect.
 pub(super) async fn cancel(
-    shared: &Shared,
-    queue: &str,
+    ctx: &Ctx,
     channel: &Channel,
     consumer: &mut Consumer,
     tag: &str,
@@ -187,7 +187,7 @@ pub(super) async fn cancel(
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     while let Ok(Some(Ok(delivery))) = tokio::time::timeout_at(deadline, consumer.next()).await {
-        settle::give_back(shared, queue, &delivery, why, None).await;
+        settle::give_back(ctx, &delivery, why, None).await;
     }
 }
 

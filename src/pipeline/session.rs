@@ -12,6 +12,7 @@ use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions}
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
 
+use super::acks::Acks;
 use super::intake::{self, Pump};
 use super::{Ctx, Shared, Subscription};
 use crate::admin::health::State;
@@ -76,6 +77,8 @@ pub(super) async fn consume(
         }
     };
     if matches!(exit, Exit::Retry(_)) && ctx.consuming.status().connected() {
+        // Acks waiting to be coalesced go out before the channel closes under them.
+        ctx.acks.flush_all().await;
         let _ = ctx
             .consuming
             .close(200, "restarting subscription".into())
@@ -118,13 +121,21 @@ async fn open(
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     let headers = QueueHeaders::new(sub.queue());
+    let series = shared.metrics.queue_series(sub.queue());
+    let acks = Acks::new(
+        consuming.clone(),
+        sub.ack_batching,
+        series.ack_batch_size.clone(),
+        shared.shutdown.clone(),
+    );
     Ok(Ctx {
         sub: sub.clone(),
         shared: shared.clone(),
         session: session.clone(),
         publisher,
         consuming,
-        series: shared.metrics.queue_series(sub.queue()),
+        acks,
+        series,
         http_target: HttpTarget::new("POST", sub.dispatcher.target()),
         headers: match sub.dispatcher.host() {
             Some(host) => headers.with_fixed(hyper::header::HOST, host.clone()),
@@ -189,7 +200,7 @@ async fn stopped(ctx: &Ctx, ended: Pump, consumer: &mut Consumer, tag: &str) -> 
         Pump::Error(e) => (None, None, Some(lost_or(session, e))),
     };
     if let Some(why) = give_back {
-        intake::cancel(shared, queue, channel, consumer, tag, why).await;
+        intake::cancel(ctx, channel, consumer, tag, why).await;
     }
     ConsumerStopped { queue, reason }.emit(&shared.metrics);
     exit
