@@ -157,6 +157,13 @@ impl Acks {
         }
     }
 
+    /// The channel is gone: every ack waiting to be coalesced fails now.
+    pub fn abandon_all(&self) {
+        if self.batching.is_on() {
+            self.abandon(Err(gone()));
+        }
+    }
+
     fn due(&self) -> bool {
         self.shutdown.is_cancelled() || self.tracker().due(Instant::now())
     }

@@ -106,6 +106,11 @@ pub(super) async fn pump(ctx: &Arc<Ctx>, consumer: &mut Consumer) -> Pump {
         // requeued them already.
         _ => None,
     };
+    if why.is_none() && !ctx.consuming.status().connected() {
+        // The acks waiting to be coalesced can no longer be sent: the broker requeued their
+        // messages with the channel. Their tasks hear it now rather than when their window ends.
+        ctx.acks.abandon_all();
+    }
     if why.is_none() && !waiting.is_empty() {
         tracing::info!(
             queue = %sub.queue(),
