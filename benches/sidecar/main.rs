@@ -11,13 +11,18 @@
 //! Needs RabbitMQ on 127.0.0.1:5672 (guest/guest). Every queue is unique and deleted afterwards;
 //! every child process is killed by its own PID when dropped.
 //!
+//! The consumers: the broker's ceiling (bare lapin, one `basic.ack(multiple=true)` per 32), baseline
+//! 1 (bare lapin, one ack per message), baseline 2 (bare lapin + POST) and the sidecar; see
+//! [`baseline`]. Every sidecar case must show its acks coalesced (more than one message per ack
+//! frame on `/metrics`), or the run fails.
+//!
 //! Throughput: N messages are published first (persistent, with publisher confirms), then the
 //! consumer under test starts and drains them; messages per second count from the first receipt to
 //! the last. Latency: then, with the consumer still running, messages are published at half the
 //! measured rate (at most 2000/s) for a few seconds; each body carries its publish time, and the
 //! latency is publish → the app receiving the POST (for baseline 1: the consumer receiving the
-//! delivery). The sidecar acks right after the app's 2xx, so the ack adds one more local step that
-//! is not in the figure. The CPU seconds of the consumer process (the sidecar, or baseline 2, which
+//! delivery). The sidecar acks after the app's 2xx (coalesced: at most `--ack-batch-wait` later),
+//! a step that is not in the figure. The CPU seconds of the consumer process (the sidecar, or baseline 2, which
 //! runs in a process of its own too) are read from `/proc/<pid>/stat` between the first and the
 //! last receipt of the throughput phase; peak RSS is `VmHWM` of `/proc/<pid>/status`.
 //!
