@@ -509,6 +509,39 @@ mod tests {
     }
 
     #[test]
+    fn ack_coalescing_defaults_and_is_capped_at_half_the_prefetch() {
+        let c = build(&[("queue", "q")], &[]).unwrap();
+        let s = &c.subscriptions[0];
+        assert_eq!(
+            (s.ack_batch_max, s.ack_batch_wait),
+            (32, Duration::from_millis(5))
+        );
+        let c = build(
+            &[("queue", "q"), ("prefetch", "10"), ("concurrency", "4")],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.subscriptions[0].ack_batch_max, 5, "half the prefetch");
+        let c = build(
+            &[("queue", "q"), ("prefetch", "1"), ("concurrency", "1")],
+            &[("RABBIT_SIDECAR_ACK_BATCH_MAX", "32")],
+        )
+        .unwrap();
+        assert_eq!(c.subscriptions[0].ack_batch_max, 1, "never below one");
+        let c = build(&[("queue", "q"), ("ack-batch-max", "1")], &[]).unwrap();
+        assert_eq!(c.subscriptions[0].ack_batch_max, 1, "off");
+        let e = build(&[("queue", "q"), ("ack-batch-max", "0")], &[]).unwrap_err();
+        assert_eq!(e.key, "--ack-batch-max");
+        let e = build(
+            &[("queue", "q")],
+            &[("RABBIT_SIDECAR_ACK_BATCH_WAIT", "11s")],
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "RABBIT_SIDECAR_ACK_BATCH_WAIT");
+        assert!(e.problem.contains("longer than 10s"), "{e}");
+    }
+
+    #[test]
     fn errors_name_the_key_and_the_problem() {
         let e = build(&[("queue", "q"), ("prefetch", "abc")], &[]).unwrap_err();
         assert_eq!(e.key, "--prefetch");
