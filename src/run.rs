@@ -136,6 +136,10 @@ pub async fn run(
                 },
                 sub.prefetch,
                 sub.concurrency,
+                pipeline::AckBatching {
+                    max: sub.ack_batch_max,
+                    wait: sub.ack_batch_wait,
+                },
                 Limits {
                     max_deliveries: sub.max_deliveries,
                     backoff: sub.retry_backoff,

@@ -1,7 +1,11 @@
 //! The two baselines the sidecar is measured against, both bare `lapin` consumers in this process
 //! with the sidecar's prefetch:
 //!
-//! 1. ack only: the ceiling of the broker and the client library on this machine;
+//! 1. ack only: what the broker and the client library manage with one `basic.ack` per message;
+//!
+//! and the broker's ceiling: ack only, one `basic.ack(multiple=true)` per [`CEILING_BATCH`]
+//! messages (and for what is left after 5 ms without a delivery), no HTTP: what the broker manages
+//! when acks cost it next to nothing, the most any consumer of this machine's broker can reach;
 //! 2. POST each message to the app with the same concurrency limit (a semaphore), ack on 2xx,
 //!    requeue otherwise: the sidecar's work without its metrics, health, traces or policy. It runs
 //!    as a child process of the bench ([`BareProc`], this same binary with
@@ -26,11 +30,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::rig::{self, ProcStats, Recorder};
 
+/// Messages per `basic.ack(multiple=true)` of the ceiling case.
+pub const CEILING_BATCH: u64 = 32;
+
 /// What a bare consumer does with each delivery.
 #[derive(Clone)]
 pub enum Work {
     /// Record the receipt and ack (baseline 1).
     AckOnly(Arc<Recorder>),
+    /// Record the receipt; ack every [`CEILING_BATCH`] with one multiple ack (the ceiling).
+    AckBatched(Arc<Recorder>),
     /// POST to the app, ack on 2xx (baseline 2); the app records the receipt.
     Post { url: Uri, concurrency: usize },
 }
@@ -73,11 +82,19 @@ pub async fn start(
                     .build(connector);
                 (Some(client), Arc::new(Semaphore::new(*concurrency)))
             }
-            Work::AckOnly(_) => (None, Arc::new(Semaphore::new(1))),
+            Work::AckOnly(_) | Work::AckBatched(_) => (None, Arc::new(Semaphore::new(1))),
         };
+        // The ceiling's unacked receipts: how many, and the last tag.
+        let (mut pending, mut last) = (0u64, 0u64);
         loop {
             let delivery = tokio::select! {
                 _ = stop.cancelled() => break,
+                // Nothing came for 5 ms: ack what is left (the end of a drain, a slow trickle).
+                _ = tokio::time::sleep(Duration::from_millis(5)), if pending > 0 => {
+                    let _ = ch.basic_ack(last, BasicAckOptions { multiple: true }).await;
+                    pending = 0;
+                    continue;
+                }
                 d = consumer.next() => match d {
                     Some(Ok(d)) => d,
                     _ => break,
@@ -89,6 +106,14 @@ pub async fn start(
                     let _ = ch
                         .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
                         .await;
+                }
+                (Work::AckBatched(rec), _) => {
+                    rec.record(&delivery.data, "");
+                    (pending, last) = (pending + 1, delivery.delivery_tag);
+                    if pending == CEILING_BATCH {
+                        let _ = ch.basic_ack(last, BasicAckOptions { multiple: true }).await;
+                        pending = 0;
+                    }
                 }
                 (Work::Post { url, .. }, Some(client)) => {
                     let permit = slots.clone().acquire_owned().await.expect("never closed");

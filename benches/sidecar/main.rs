@@ -11,13 +11,18 @@
 //! Needs RabbitMQ on 127.0.0.1:5672 (guest/guest). Every queue is unique and deleted afterwards;
 //! every child process is killed by its own PID when dropped.
 //!
+//! The consumers: the broker's ceiling (bare lapin, one `basic.ack(multiple=true)` per 32), baseline
+//! 1 (bare lapin, one ack per message), baseline 2 (bare lapin + POST) and the sidecar; see
+//! [`baseline`]. Every sidecar case must show its acks coalesced (more than one message per ack
+//! frame on `/metrics`), or the run fails.
+//!
 //! Throughput: N messages are published first (persistent, with publisher confirms), then the
 //! consumer under test starts and drains them; messages per second count from the first receipt to
 //! the last. Latency: then, with the consumer still running, messages are published at half the
 //! measured rate (at most 2000/s) for a few seconds; each body carries its publish time, and the
 //! latency is publish → the app receiving the POST (for baseline 1: the consumer receiving the
-//! delivery). The sidecar acks right after the app's 2xx, so the ack adds one more local step that
-//! is not in the figure. The CPU seconds of the consumer process (the sidecar, or baseline 2, which
+//! delivery). The sidecar acks after the app's 2xx (coalesced: at most `--ack-batch-wait` later),
+//! a step that is not in the figure. The CPU seconds of the consumer process (the sidecar, or baseline 2, which
 //! runs in a process of its own too) are read from `/proc/<pid>/stat` between the first and the
 //! last receipt of the throughput phase; peak RSS is `VmHWM` of `/proc/<pid>/status`.
 //!
@@ -39,7 +44,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::baseline::{BareProc, Work};
+use crate::baseline::{BareProc, CEILING_BATCH, Work};
 use crate::failover::Timing;
 use crate::rig::{App, Broker, OtlpReceiver, ProcStats, QueueKind, SidecarProc};
 
@@ -164,6 +169,8 @@ fn parse_args() -> Result<Opts, String> {
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Consumer {
+    /// The broker's ceiling: bare lapin, ack only, one multiple ack per [`CEILING_BATCH`].
+    Ceiling,
     /// Baseline 1: bare lapin, ack only.
     AckOnly,
     /// Baseline 2: bare lapin, POST to the app, ack on 2xx.
@@ -175,6 +182,9 @@ enum Consumer {
 impl Consumer {
     fn label(&self) -> String {
         match self {
+            Consumer::Ceiling => {
+                format!("ceiling: lapin, ack only, one ack(multiple) per {CEILING_BATCH}")
+            }
             Consumer::AckOnly => "baseline 1: lapin, ack only".into(),
             Consumer::Bare { concurrency } => format!("baseline 2: lapin + POST, c={concurrency}"),
             Consumer::Sidecar {
@@ -189,7 +199,7 @@ impl Consumer {
 
     fn concurrency(&self) -> Option<usize> {
         match self {
-            Consumer::AckOnly => None,
+            Consumer::Ceiling | Consumer::AckOnly => None,
             Consumer::Bare { concurrency } | Consumer::Sidecar { concurrency, .. } => {
                 Some(*concurrency)
             }
@@ -200,6 +210,7 @@ impl Consumer {
 #[derive(Clone, Debug)]
 struct Case {
     consumer: Consumer,
+    kind: QueueKind,
     size: usize,
     messages: usize,
     app_delay: Duration,
@@ -222,6 +233,10 @@ struct CaseResult {
     ratio_b2: Option<f64>,
     /// The median of the ratios to baseline 2 round by round (see [`paired`]).
     ratio_b2_paired: Option<f64>,
+    /// Its share of the broker's ceiling (same queue type and size).
+    ratio_ceiling: Option<f64>,
+    /// The sidecar's mean messages per ack frame (`rabbit_sidecar_ack_batch_size`).
+    ack_tags_per_frame: Option<f64>,
 }
 
 struct Ctx {
@@ -271,7 +286,7 @@ fn drain_deadline(n: usize, delay: Duration, concurrency: usize) -> Duration {
 async fn run_case(ctx: &Ctx, case: &Case) -> Result<CaseResult, String> {
     let broker = Broker::connect().await?;
     let queue = rig::unique("tp");
-    broker.declare(&queue, ctx.kind, false).await;
+    broker.declare(&queue, case.kind, false).await;
     let result = run_case_on(ctx, case, &broker, &queue).await;
     broker.cleanup().await;
     let _ = broker.conn.close(200, "".into()).await;
@@ -287,7 +302,7 @@ async fn run_case_on(
     let rec = ctx.app.rec.clone();
     rec.reset();
     ctx.app.set_delay(case.app_delay);
-    if ctx.settle_wal.load(Ordering::Relaxed) {
+    if case.kind == QueueKind::Quorum && ctx.settle_wal.load(Ordering::Relaxed) {
         let settled = tokio::task::spawn_blocking(rig::settle_quorum_wal)
             .await
             .map_err(|e| e.to_string())?;
@@ -307,6 +322,12 @@ async fn run_case_on(
         Consumer::AckOnly => {
             bare = Some(
                 baseline::start(queue, PREFETCH, Work::AckOnly(rec.clone()), stop.clone()).await?,
+            )
+        }
+        Consumer::Ceiling => {
+            bare = Some(
+                baseline::start(queue, PREFETCH, Work::AckBatched(rec.clone()), stop.clone())
+                    .await?,
             )
         }
         Consumer::Bare { concurrency } => {
@@ -391,6 +412,7 @@ async fn run_case_on(
 
     let mut peak_rss_mib = None;
     let mut otlp_requests = None;
+    let mut ack_tags_per_frame = None;
     stop.cancel();
     if let Some(b) = bare {
         let _ = tokio::time::timeout(Duration::from_secs(10), b).await;
@@ -401,6 +423,7 @@ async fn run_case_on(
     }
     if let Some(mut s) = sidecar {
         peak_rss_mib = Some(s.stats().hwm_kib as f64 / 1024.0);
+        ack_tags_per_frame = tags_per_frame(&s, queue).await;
         // A graceful stop flushes pending spans.
         s.signal("TERM");
         let _ = s.wait_exit(Duration::from_secs(20)).await;
@@ -423,7 +446,22 @@ async fn run_case_on(
         ratio_b1: None,
         ratio_b2: None,
         ratio_b2_paired: None,
+        ratio_ceiling: None,
+        ack_tags_per_frame,
     })
+}
+
+/// The sidecar's mean messages per ack frame so far, from its `/metrics`.
+async fn tags_per_frame(s: &SidecarProc, queue: &str) -> Option<f64> {
+    let text = s.body_of("/metrics").await?;
+    let value = |name: &str| {
+        let series = format!("rabbit_sidecar_ack_batch_size_{name}{{queue=\"{queue}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    let (sum, count) = (value("sum")?, value("count")?);
+    (count > 0.0).then(|| sum / count)
 }
 
 /// The CPU and memory of the consumer process under test, if it is a child process.
@@ -456,21 +494,31 @@ fn median_of(mut rounds: Vec<CaseResult>) -> CaseResult {
 fn add_ratios(results: &mut [CaseResult]) {
     let all = results.to_vec();
     for r in results.iter_mut() {
-        let same =
-            |c: &CaseResult| c.case.size == r.case.size && c.case.app_delay == r.case.app_delay;
+        let same = |c: &CaseResult| {
+            c.case.size == r.case.size
+                && c.case.app_delay == r.case.app_delay
+                && c.case.kind == r.case.kind
+        };
+        let same_size = |c: &CaseResult| c.case.size == r.case.size && c.case.kind == r.case.kind;
         let b1 = all
             .iter()
             .find(|c| same(c) && c.case.consumer == Consumer::AckOnly)
             .or_else(|| {
                 all.iter()
-                    .find(|c| c.case.size == r.case.size && c.case.consumer == Consumer::AckOnly)
+                    .find(|c| same_size(c) && c.case.consumer == Consumer::AckOnly)
             });
+        let ceiling = all
+            .iter()
+            .find(|c| same_size(c) && c.case.consumer == Consumer::Ceiling);
+        if r.case.consumer != Consumer::Ceiling {
+            r.ratio_ceiling = ceiling.map(|c| r.msgs_per_s / c.msgs_per_s);
+        }
         let b2 = all.iter().find(|c| {
             same(c)
                 && matches!(c.case.consumer, Consumer::Bare { .. })
                 && c.case.consumer.concurrency() == r.case.consumer.concurrency()
         });
-        if r.case.consumer != Consumer::AckOnly {
+        if !matches!(r.case.consumer, Consumer::AckOnly | Consumer::Ceiling) {
             r.ratio_b1 = b1.map(|b| r.msgs_per_s / b.msgs_per_s);
         }
         if matches!(r.case.consumer, Consumer::Sidecar { .. }) {
@@ -551,10 +599,12 @@ fn cases(opts: &Opts) -> Vec<Case> {
         });
         let case = |consumer, messages| Case {
             consumer,
+            kind: opts.kind,
             size,
             messages,
             app_delay: Duration::ZERO,
         };
+        out.push(case(Consumer::Ceiling, n));
         out.push(case(Consumer::AckOnly, n));
         for &c in concurrencies {
             // One message at a time is slow; fewer messages keep the run short.
@@ -588,11 +638,35 @@ fn cases(opts: &Opts) -> Vec<Case> {
             ] {
                 out.push(Case {
                     consumer,
+                    kind: opts.kind,
                     size: 256,
                     messages: n,
                     app_delay: Duration::from_millis(5),
                 });
             }
+        }
+        // The other queue type, at c=64: the sidecar against its baselines and the ceiling.
+        let other = match opts.kind {
+            QueueKind::Quorum => QueueKind::Classic,
+            QueueKind::Classic => QueueKind::Quorum,
+        };
+        let n = messages.unwrap_or(60_000);
+        for consumer in [
+            Consumer::Ceiling,
+            Consumer::AckOnly,
+            Consumer::Bare { concurrency: 64 },
+            Consumer::Sidecar {
+                concurrency: 64,
+                tracing: false,
+            },
+        ] {
+            out.push(Case {
+                consumer,
+                kind: other,
+                size: 256,
+                messages: n,
+                app_delay: Duration::ZERO,
+            });
         }
     }
     out
@@ -608,7 +682,7 @@ fn cases(opts: &Opts) -> Vec<Case> {
 /// a fresh WAL ([`rig::settle_quorum_wal`]); rotating still spreads whatever else depends on the
 /// position over every member of a group alike.
 fn round_order(cases: &[Case], round: usize) -> Vec<usize> {
-    let key = |c: &Case| (c.size, c.consumer.concurrency(), c.app_delay);
+    let key = |c: &Case| (c.kind, c.size, c.consumer.concurrency(), c.app_delay);
     let mut order = Vec::with_capacity(cases.len());
     let mut start = 0;
     while start < cases.len() {
@@ -656,6 +730,13 @@ fn machine() -> Value {
     })
 }
 
+fn kind_name(kind: QueueKind) -> &'static str {
+    match kind {
+        QueueKind::Quorum => "quorum",
+        QueueKind::Classic => "classic",
+    }
+}
+
 fn fmt_opt(v: Option<f64>, digits: usize) -> String {
     v.map(|v| format!("{v:.digits$}"))
         .unwrap_or_else(|| "–".into())
@@ -664,14 +745,15 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
 fn print_table(results: &[CaseResult]) {
     println!();
     println!(
-        "| consumer | size | app delay | msg/s (min–max) | ÷ baseline 1 | ÷ baseline 2 | ÷ baseline 2, paired by round | latency p50 / p90 / p99 ms (at msg/s) | CPU s / 10k | peak RSS MiB |"
+        "| consumer | queue | size | app delay | msg/s (min–max) | ÷ ceiling | ÷ baseline 1 | ÷ baseline 2 | ÷ baseline 2, paired by round | msgs / ack frame | latency p50 / p90 / p99 ms (at msg/s) | CPU s / 10k | peak RSS MiB |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in results {
         let l = |k| r.latency_ms.get(k).copied();
         println!(
-            "| {} | {} | {} | {:.0} ({:.0}–{:.0}) | {} | {} | {} | {} / {} / {} ({:.0}) | {} | {} |",
+            "| {} | {} | {} | {} | {:.0} ({:.0}–{:.0}) | {} | {} | {} | {} | {} | {} / {} / {} ({:.0}) | {} | {} |",
             r.case.consumer.label(),
+            kind_name(r.case.kind),
             if r.case.size >= 1024 {
                 format!("{} KiB", r.case.size / 1024)
             } else {
@@ -685,9 +767,11 @@ fn print_table(results: &[CaseResult]) {
             r.msgs_per_s,
             r.runs.iter().copied().fold(f64::INFINITY, f64::min),
             r.runs.iter().copied().fold(0.0, f64::max),
+            fmt_opt(r.ratio_ceiling, 2),
             fmt_opt(r.ratio_b1, 2),
             fmt_opt(r.ratio_b2, 2),
             fmt_opt(r.ratio_b2_paired, 2),
+            fmt_opt(r.ack_tags_per_frame, 1),
             fmt_opt(l("p50"), 1),
             fmt_opt(l("p90"), 1),
             fmt_opt(l("p99"), 1),
@@ -701,13 +785,33 @@ fn print_table(results: &[CaseResult]) {
 /// Each target with the figures it was judged on: (target, measured, met).
 fn judge(
     results: &[CaseResult],
+    kind: QueueKind,
     failovers: &[Timing],
     soak: Option<&Value>,
 ) -> Vec<(String, String, Option<bool>)> {
     let mut out = Vec::new();
+    // Under load the sidecar's acks share frames; one message per frame means coalescing is
+    // broken (or off), whatever the throughput says.
+    for r in results.iter().filter(|r| {
+        matches!(r.case.consumer, Consumer::Sidecar { .. }) && r.case.app_delay.is_zero()
+    }) {
+        out.push((
+            format!(
+                "{} ({}, {} B): acks coalesced, > 1 message per ack frame",
+                r.case.consumer.label(),
+                kind_name(r.case.kind),
+                r.case.size
+            ),
+            fmt_opt(r.ack_tags_per_frame, 1),
+            Some(r.ack_tags_per_frame.is_some_and(|m| m > 1.0)),
+        ));
+    }
     let find = |consumer: Consumer, size: usize, delay: Duration| {
         results.iter().find(|r| {
-            r.case.size == size && r.case.app_delay == delay && r.case.consumer == consumer
+            r.case.kind == kind
+                && r.case.size == size
+                && r.case.app_delay == delay
+                && r.case.consumer == consumer
         })
     };
     let sidecar = |c: usize, tracing: bool, size: usize, delay: Duration| {
@@ -800,6 +904,7 @@ fn judge(
 
 fn case_json(r: &CaseResult) -> Value {
     let (kind, concurrency, tracing) = match r.case.consumer {
+        Consumer::Ceiling => ("ceiling", None, None),
         Consumer::AckOnly => ("baseline1", None, None),
         Consumer::Bare { concurrency } => ("baseline2", Some(concurrency), None),
         Consumer::Sidecar {
@@ -812,6 +917,7 @@ fn case_json(r: &CaseResult) -> Value {
         "label": r.case.consumer.label(),
         "concurrency": concurrency,
         "tracing": tracing,
+        "queue_type": kind_name(r.case.kind),
         "size_bytes": r.case.size,
         "app_delay_ms": r.case.app_delay.as_millis() as u64,
         "messages": r.case.messages,
@@ -820,6 +926,8 @@ fn case_json(r: &CaseResult) -> Value {
         "ratio_baseline1": r.ratio_b1,
         "ratio_baseline2": r.ratio_b2,
         "ratio_baseline2_paired": r.ratio_b2_paired,
+        "ratio_ceiling": r.ratio_ceiling,
+        "ack_msgs_per_frame": r.ack_tags_per_frame,
         "latency_ms": r.latency_ms,
         "latency_publish_rate": r.latency_rate,
         "cpu_s_per_10k": r.cpu_s_per_10k,
@@ -957,7 +1065,7 @@ async fn run(opts: Opts) -> Result<(), String> {
         otlp: OtlpReceiver::start().await,
         kind: opts.kind,
         latency_secs: 2.0,
-        settle_wal: AtomicBool::new(opts.kind == QueueKind::Quorum),
+        settle_wal: AtomicBool::new(true),
     };
     if opts.growth {
         let points = growth::run(&ctx.app, ctx.kind, opts.mode == Mode::Quick).await?;
@@ -1080,7 +1188,7 @@ async fn run(opts: Opts) -> Result<(), String> {
             );
         }
     }
-    let verdicts = judge(&results, &failovers, soak_result.as_ref());
+    let verdicts = judge(&results, opts.kind, &failovers, soak_result.as_ref());
     println!();
     println!("| target | measured | met |");
     println!("|---|---|---|");
@@ -1116,6 +1224,20 @@ async fn run(opts: Opts) -> Result<(), String> {
         )
         .map_err(|e| format!("{}: {e}", path.display()))?;
         eprintln!("wrote {}", path.display());
+    }
+    // Acks not coalesced under load mean coalescing is broken: fail, in every mode (the quick
+    // mode that CI runs included), whatever the throughput says.
+    if let Some(r) = results.iter().find(|r| {
+        matches!(r.case.consumer, Consumer::Sidecar { .. })
+            && r.case.app_delay.is_zero()
+            && !r.ack_tags_per_frame.is_some_and(|m| m > 1.0)
+    }) {
+        return Err(format!(
+            "{} ({}): acks not coalesced under load ({} messages per ack frame)",
+            r.case.consumer.label(),
+            kind_name(r.case.kind),
+            fmt_opt(r.ack_tags_per_frame, 2)
+        ));
     }
     // A failover that never happened means the bench (or the sidecar) is broken, whatever the
     // targets say.

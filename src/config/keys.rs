@@ -201,6 +201,20 @@ pub const CONCURRENCY: Key = Key::text(
     "Most messages handed to the app at once (at most --prefetch)",
 );
 
+pub const ACK_BATCH_MAX: Key = Key::text(
+    "ack-batch-max",
+    Scope::Inherited,
+    Is("32"),
+    "Most accepted messages acknowledged by one basic.ack(multiple); at most half of --prefetch; 1 turns coalescing off",
+);
+
+pub const ACK_BATCH_WAIT: Key = Key::text(
+    "ack-batch-wait",
+    Scope::Inherited,
+    Is("5ms"),
+    "Longest an accepted message's ack waits to be coalesced with others (at most 10s)",
+);
+
 pub const HANDLER_TIMEOUT: Key = Key::text(
     "handler-timeout",
     Scope::Inherited,
@@ -401,7 +415,7 @@ pub const PATH: Key = Key::text(
 );
 
 /// Every key, in the order the README documents them.
-pub const ALL: [&Key; 40] = [
+pub const ALL: [&Key; 42] = [
     &AMQP_URL,
     &QUEUE,
     &DECLARE,
@@ -413,6 +427,8 @@ pub const ALL: [&Key; 40] = [
     &TARGET_URL,
     &PREFETCH,
     &CONCURRENCY,
+    &ACK_BATCH_MAX,
+    &ACK_BATCH_WAIT,
     &HANDLER_TIMEOUT,
     &MAX_DELIVERIES,
     &RETRY_BACKOFF,

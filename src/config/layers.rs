@@ -261,6 +261,16 @@ fn subscription(l: &impl Lookup, base_target: &Uri) -> Result<SubscriptionConfig
             ),
         ));
     }
+    // Capped at half the prefetch: acks held back for a batch hold prefetch slots, and the
+    // broker must keep room to deliver the next messages meanwhile.
+    let ack_batch_max = (l.required(&keys::ACK_BATCH_MAX, |s| parse_int(s, 1, 65_535))? as usize)
+        .min((usize::from(prefetch) / 2).max(1));
+    let ack_batch_wait = l.required(&keys::ACK_BATCH_WAIT, |s| match parse_duration(s)? {
+        d if d > Duration::from_secs(10) => Err(format!(
+            "{s:?} is longer than 10s: held acks keep messages from other consumers, and a crash redelivers them"
+        )),
+        d => Ok(d),
+    })?;
     let retry_backoff = l.required(&keys::RETRY_BACKOFF, parse_duration)?;
     let retry_backoff_max = l.required(&keys::RETRY_BACKOFF_MAX, parse_duration)?;
     if retry_backoff > retry_backoff_max {
@@ -331,6 +341,8 @@ fn subscription(l: &impl Lookup, base_target: &Uri) -> Result<SubscriptionConfig
         target_url,
         prefetch,
         concurrency,
+        ack_batch_max,
+        ack_batch_wait,
         handler_timeout: l.required(&keys::HANDLER_TIMEOUT, parse_positive_duration)?,
         max_deliveries: l.required(&keys::MAX_DELIVERIES, |s| parse_int(s, 1, 1_000_000))? as u32,
         retry_backoff,
@@ -508,6 +520,39 @@ mod tests {
             ["h1:1", "h2:5671"]
         );
         assert!(c.nodes[1].tls);
+    }
+
+    #[test]
+    fn ack_coalescing_defaults_and_is_capped_at_half_the_prefetch() {
+        let c = build(&[("queue", "q")], &[]).unwrap();
+        let s = &c.subscriptions[0];
+        assert_eq!(
+            (s.ack_batch_max, s.ack_batch_wait),
+            (32, Duration::from_millis(5))
+        );
+        let c = build(
+            &[("queue", "q"), ("prefetch", "10"), ("concurrency", "4")],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.subscriptions[0].ack_batch_max, 5, "half the prefetch");
+        let c = build(
+            &[("queue", "q"), ("prefetch", "1"), ("concurrency", "1")],
+            &[("RABBIT_SIDECAR_ACK_BATCH_MAX", "32")],
+        )
+        .unwrap();
+        assert_eq!(c.subscriptions[0].ack_batch_max, 1, "never below one");
+        let c = build(&[("queue", "q"), ("ack-batch-max", "1")], &[]).unwrap();
+        assert_eq!(c.subscriptions[0].ack_batch_max, 1, "off");
+        let e = build(&[("queue", "q"), ("ack-batch-max", "0")], &[]).unwrap_err();
+        assert_eq!(e.key, "--ack-batch-max");
+        let e = build(
+            &[("queue", "q")],
+            &[("RABBIT_SIDECAR_ACK_BATCH_WAIT", "11s")],
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "RABBIT_SIDECAR_ACK_BATCH_WAIT");
+        assert!(e.problem.contains("longer than 10s"), "{e}");
     }
 
     #[test]

@@ -150,6 +150,11 @@ pub struct SubscriptionConfig {
     pub target_url: Uri,
     pub prefetch: u16,
     pub concurrency: usize,
+    /// Most accepted messages one `basic.ack(multiple)` covers, already capped at half the
+    /// prefetch; 1: every message is acked on its own.
+    pub ack_batch_max: usize,
+    /// Longest an accepted message's ack waits to be coalesced.
+    pub ack_batch_wait: Duration,
     pub handler_timeout: Duration,
     pub max_deliveries: u32,
     pub retry_backoff: Duration,

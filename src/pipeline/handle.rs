@@ -44,12 +44,14 @@ pub(super) async fn handle(
         port: ctx.session.port,
     };
     let trace = MessageTrace::start(&info, server);
+    let slot = std::sync::Mutex::new(permit);
     let msg = InHand {
         delivery,
         info,
         body: &body,
         attempt: received.attempt,
         trace: &trace,
+        slot: &slot,
     };
     // Boxed: inline, the whole call's state (HTTP request, timeouts, settlement) would make every
     // task's future several kilobytes, copied each time the task is created and moved.
@@ -61,7 +63,7 @@ pub(super) async fn handle(
         Box::pin(process(&ctx, &msg, id)).await
     };
     ctx.shared.health.settled(queue, id, acked);
-    drop(permit);
+    drop(slot);
 }
 
 /// A message delivered more often than `--max-deliveries` without a decision (consumers died

@@ -120,6 +120,11 @@ pub(super) async fn pump(ctx: &Arc<Ctx>, consumer: &mut Consumer) -> Pump {
         // requeued them already.
         _ => None,
     };
+    if why.is_none() && !ctx.consuming.status().connected() {
+        // The acks waiting to be coalesced can no longer be sent: the broker requeued their
+        // messages with the channel. Their tasks hear it now rather than when their window ends.
+        ctx.acks.abandon_all();
+    }
     if why.is_none() && !waiting.is_empty() {
         tracing::info!(
             queue = %sub.queue(),
@@ -169,6 +174,7 @@ fn receive(ctx: &Ctx, delivery: Delivery) -> Box<Received> {
     } = ctx;
     let queue = sub.queue();
     let id = sub.next_id.fetch_add(1, Ordering::Relaxed);
+    ctx.acks.delivered(delivery.delivery_tag);
     let headers = delivery.properties.headers().as_ref();
     let prior = headers::prior_attempts(headers);
     let returns = headers::int_header(headers, headers::DELIVERY_COUNT).unwrap_or(0);

@@ -20,6 +20,8 @@
 //! A waiting retry is always durable in the broker, never only in this process's memory, and
 //! takes no prefetch slot.
 
+mod ack_tracker;
+mod acks;
 pub(crate) mod copies;
 mod handle;
 mod intake;
@@ -37,6 +39,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub(crate) use self::acks::AckBatching;
+use self::acks::Acks;
 use self::session::Exit;
 use crate::admin::health::{Health, State};
 use crate::app::{AppGate, Breaker, Dispatcher};
@@ -55,6 +59,7 @@ use crate::telemetry::trace::{HttpTarget, MessageTrace};
 pub(crate) struct Subscription {
     spec: QueueSpec,
     prefetch: u16,
+    ack_batching: AckBatching,
     limits: Limits,
     dispatcher: Dispatcher,
     /// The app's circuit breaker, shared with every subscription posting to the same app.
@@ -76,6 +81,7 @@ impl Subscription {
         spec: QueueSpec,
         prefetch: u16,
         concurrency: usize,
+        ack_batching: AckBatching,
         limits: Limits,
         dispatcher: Dispatcher,
         breaker: Breaker,
@@ -83,6 +89,7 @@ impl Subscription {
         Subscription {
             spec,
             prefetch,
+            ack_batching,
             limits,
             dispatcher,
             breaker,
@@ -191,6 +198,8 @@ struct Ctx {
     /// until its message is settled: dropping the last handle would close it and requeue the
     /// message.
     consuming: Channel,
+    /// Sends the acks and nacks on `consuming`, coalescing acks.
+    acks: Acks,
     series: QueueSeries,
     /// The CLIENT span attributes of calls to the app.
     http_target: HttpTarget,
@@ -206,6 +215,16 @@ struct InHand<'a> {
     body: &'a Bytes,
     attempt: u32,
     trace: &'a MessageTrace<'a>,
+    /// The `--concurrency` slot the message holds while the app has it (none when it is
+    /// dead-lettered on arrival).
+    slot: &'a std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+}
+
+impl InHand<'_> {
+    /// Frees the message's slot for the next one: the app is done with it.
+    fn release_slot(&self) {
+        drop(self.slot.lock().unwrap_or_else(|e| e.into_inner()).take());
+    }
 }
 
 /// Emits an event about a delivery inside its log span (when it has one), so that the line

@@ -12,6 +12,7 @@ use lapin::Consumer;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 
+use super::acks::Acks;
 use super::intake::{self, Pump};
 use super::{Ctx, Shared, Subscription};
 use crate::admin::health::State;
@@ -90,6 +91,8 @@ pub(super) async fn consume(
         }
     };
     if matches!(exit, Exit::Retry(_)) && ctx.consuming.status().connected() {
+        // Acks waiting to be coalesced go out before the channel closes under them.
+        ctx.acks.flush_all().await;
         let _ = ctx
             .consuming
             .close(200, "restarting subscription".into())
@@ -167,13 +170,21 @@ async fn open(
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     let headers = QueueHeaders::new(sub.queue());
+    let series = shared.metrics.queue_series(sub.queue());
+    let acks = Acks::new(
+        consuming.clone(),
+        sub.ack_batching,
+        series.ack_batch_size.clone(),
+        shared.shutdown.clone(),
+    );
     Ok(Ctx {
         sub: sub.clone(),
         shared: shared.clone(),
         session: session.clone(),
         publisher,
         consuming,
-        series: shared.metrics.queue_series(sub.queue()),
+        acks,
+        series,
         http_target: HttpTarget::new("POST", sub.dispatcher.target()),
         headers: match sub.dispatcher.host() {
             Some(host) => headers.with_fixed(hyper::header::HOST, host.clone()),

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 
 use super::copies::{self, Failure, Origin};
 use super::{Ctx, InHand, Shared, emit_about, emit_healthy};
@@ -26,11 +25,11 @@ use crate::telemetry::events::{
 use crate::telemetry::trace::MessageTrace;
 
 /// How long an ack or nack may take to be handed to the connection.
-const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+const SETTLE_TIMEOUT: Duration = super::acks::SEND_TIMEOUT;
 
 /// Acks a message the app accepted. Returns whether the ack was sent.
 pub(super) async fn accept(ctx: &Ctx, msg: &InHand<'_>) -> bool {
-    let ok = ack(ctx, msg.delivery, msg.trace).await;
+    let ok = ack(ctx, msg).await;
     if ok {
         emit_healthy(
             msg.trace,
@@ -125,7 +124,7 @@ async fn replace(
     match confirm::publish(&ctx.publisher, queue, msg.body, props).await {
         Ok(()) => {
             emit_about(Some(msg.trace), confirmed, &ctx.shared.metrics);
-            ack(ctx, msg.delivery, msg.trace).await
+            ack(ctx, msg).await
         }
         Err(error) => {
             not_confirmed(ctx, msg, what, &error).await;
@@ -188,10 +187,9 @@ pub(super) async fn give_back(
             copies::copy_properties(&delivery.properties, copies::return_stamp(prior), None);
         match confirm::publish(&ctx.publisher, queue, body, props).await {
             Ok(()) => {
-                let ack = ctx
-                    .consuming
-                    .basic_ack(delivery.delivery_tag, BasicAckOptions::default());
-                if settle(shared, queue, async { ack.await.map(|()| true) }, trace).await {
+                let ack = ctx.acks.ack(delivery.delivery_tag);
+                let limit = ctx.acks.batching().wait + 2 * SETTLE_TIMEOUT;
+                if settle(shared, queue, ack, limit, trace).await {
                     emit_about(trace, MessageRequeued { queue, why }, &shared.metrics);
                 }
                 return;
@@ -201,11 +199,8 @@ pub(super) async fn give_back(
             }
         }
     }
-    let nack = delivery.acker.nack(BasicNackOptions {
-        requeue: true,
-        multiple: false,
-    });
-    if settle(shared, queue, nack, trace).await {
+    let nack = ctx.acks.nack(delivery.delivery_tag, true);
+    if settle(shared, queue, nack, SETTLE_TIMEOUT, trace).await {
         emit_about(trace, MessageRequeued { queue, why }, &shared.metrics);
     }
 }
@@ -215,31 +210,35 @@ pub(super) async fn give_back(
 /// docs/performance.md). The channel is the one this delivery came on, so its delivery tag is
 /// valid there; once that channel has closed, lapin refuses the ack and the broker has requeued
 /// the message already, as with a poisoned `Acker`.
-async fn ack(ctx: &Ctx, delivery: &Delivery, trace: &MessageTrace<'_>) -> bool {
-    let ack = async {
-        ctx.consuming
-            .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
-            .await
-            .map(|()| true)
-    };
-    settle(&ctx.shared, ctx.sub.queue(), ack, Some(trace)).await
+///
+/// With coalescing on, the ack may wait (at most `--ack-batch-wait`) to go out with others in
+/// one `basic.ack(multiple)`: the app is done with the message, so its slot is freed first.
+async fn ack(ctx: &Ctx, msg: &InHand<'_>) -> bool {
+    let batching = ctx.acks.batching();
+    if batching.is_on() {
+        msg.release_slot();
+    }
+    let ack = ctx.acks.ack(msg.delivery.delivery_tag);
+    // The window, and the frames that may be sent ahead of this one.
+    let limit = batching.wait + 2 * SETTLE_TIMEOUT;
+    settle(&ctx.shared, ctx.sub.queue(), ack, limit, Some(msg.trace)).await
 }
 
-/// Sends an ack or nack and waits for lapin to hand it over, at most [`SETTLE_TIMEOUT`]: on a
-/// connection that died meanwhile the promise may never resolve, and lapin answers `Ok(false)`
-/// without sending anything once the channel is closed. Either way the broker has returned the
-/// message to the queue with the connection, so the settlement failed rather than happened.
+/// Waits for an ack or nack to be handed over, at most `limit`: on a connection that died
+/// meanwhile the promise may never resolve, and lapin refuses to send on a closed channel.
+/// Either way the broker has returned the message to the queue with the connection, so the
+/// settlement failed rather than happened.
 async fn settle(
     shared: &Shared,
     queue: &str,
-    op: impl std::future::Future<Output = lapin::Result<bool>>,
+    op: impl std::future::Future<Output = Result<(), String>>,
+    limit: Duration,
     trace: Option<&MessageTrace<'_>>,
 ) -> bool {
-    let error = match tokio::time::timeout(SETTLE_TIMEOUT, op).await {
-        Ok(Ok(true)) => return true,
-        Ok(Ok(false)) => "the channel closed before the settlement was sent".to_string(),
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => format!("not sent within {SETTLE_TIMEOUT:?} (connection gone?)"),
+    let error = match tokio::time::timeout(limit, op).await {
+        Ok(Ok(())) => return true,
+        Ok(Err(e)) => e,
+        Err(_) => format!("not sent within {limit:?} (connection gone?)"),
     };
     emit_about(
         trace,

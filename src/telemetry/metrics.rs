@@ -138,6 +138,7 @@ pub(crate) struct QueueSeries {
     pub(crate) acks: IntCounter,
     pub(crate) last_ack: Gauge,
     pub(crate) delivery_attempts: Histogram,
+    pub(crate) ack_batch_size: Histogram,
     /// In the order of [`HandlerOutcome::ALL`].
     handler_duration: [Histogram; HandlerOutcome::ALL.len()],
 }
@@ -186,6 +187,7 @@ pub struct Metrics {
     pub(crate) handler_duration: HistogramVec,
     pub(crate) delivery_attempts: HistogramVec,
     pub(crate) message_age: HistogramVec,
+    pub(crate) ack_batch_size: HistogramVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -434,6 +436,13 @@ impl Metrics {
                 q,
                 vec![0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0],
             ),
+            ack_batch_size: histogram_vec(
+                &r,
+                "rabbit_sidecar_ack_batch_size",
+                "Messages acknowledged by each basic.ack frame sent (1 unless acks are coalesced).",
+                q,
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
+            ),
             registry: r,
         };
         let build = IntGaugeVec::new(
@@ -499,6 +508,7 @@ impl Metrics {
         }
         self.delivery_attempts.with_label_values(&[queue]);
         self.message_age.with_label_values(&[queue]);
+        self.ack_batch_size.with_label_values(&[queue]);
     }
 
     /// Creates the zero series of one app's circuit breaker.
@@ -521,6 +531,7 @@ impl Metrics {
             acks: self.acks.with_label_values(&[queue]),
             last_ack: self.last_ack.with_label_values(&[queue]),
             delivery_attempts: self.delivery_attempts.with_label_values(&[queue]),
+            ack_batch_size: self.ack_batch_size.with_label_values(&[queue]),
             handler_duration: HandlerOutcome::ALL.map(|o| {
                 self.handler_duration
                     .with_label_values(&[queue, o.as_str()])

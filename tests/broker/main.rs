@@ -10,6 +10,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod acks;
 mod app_faults;
 mod bad_input;
 mod circuit_breaker;
