@@ -172,6 +172,17 @@ async fn mixed_answers_end_where_their_answers_say(quorum: bool) {
 /// Mixed answers (2xx, 400, 5xx once, 5xx always) with out-of-order completion and coalescing on:
 /// every message is seen as often as its answers call for, ends acked or dead-lettered, and the
 /// counters add up; fewer ack frames than messages.
+/// A window long enough that the acks are still pending when the test acts: up to 50 tags or
+/// 10 s.
+const LONG_WINDOW: &[&str] = &[
+    "--prefetch",
+    "100",
+    "--ack-batch-max",
+    "50",
+    "--ack-batch-wait",
+    "10s",
+];
+
 #[tokio::test]
 async fn mixed_answers_with_coalescing_end_where_their_answers_say_classic() {
     mixed_answers_end_where_their_answers_say(false).await;
@@ -249,18 +260,7 @@ async fn sigterm_sends_the_pending_acks_and_nothing_comes_back() {
     broker.track(&queue);
     let app = App::start().await;
     let url = app.url();
-    let mut sidecar = Sidecar::start(&args(
-        &queue,
-        &url,
-        &[
-            "--prefetch",
-            "100",
-            "--ack-batch-max",
-            "50",
-            "--ack-batch-wait",
-            "10s",
-        ],
-    ));
+    let mut sidecar = Sidecar::start(&args(&queue, &url, LONG_WINDOW));
     sidecar.wait_ready(Duration::from_secs(20)).await;
     broker.publish_n(&queue, 20, "t").await;
     assert!(eventually(Duration::from_secs(5), || async { app.count() == 20 }).await);
@@ -338,18 +338,7 @@ async fn a_closed_connection_with_acks_pending_loses_nothing() {
     broker.track(&queue);
     let app = App::start().await;
     let url = app.url();
-    let sidecar = Sidecar::spawn(&args(
-        &queue,
-        &url,
-        &[
-            "--prefetch",
-            "100",
-            "--ack-batch-max",
-            "50",
-            "--ack-batch-wait",
-            "10s",
-        ],
-    ));
+    let sidecar = Sidecar::spawn(&args(&queue, &url, LONG_WINDOW));
     sidecar.wait_ready(Duration::from_secs(20)).await;
     let ids = broker.publish_n(&queue, 20, "c").await;
     assert!(eventually(Duration::from_secs(5), || async { app.count() == 20 }).await);
