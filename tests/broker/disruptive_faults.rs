@@ -571,6 +571,22 @@ async fn a_memory_alarm_holds_dead_letters_until_it_clears_and_loses_none() {
     );
     let status = sidecar.get("/status").await.unwrap().1;
     assert!(status.contains("\"blocked\": true"), "{status}");
+    // Held past the 30 s confirm timeout: the copies are given up on and counted, their
+    // originals held for a backoff step and requeued, and nothing is lost.
+    let failures = format!("rabbit_sidecar_dead_letter_failures_total{{{q}}}");
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            sidecar.metric(&failures).await >= 1.0
+        })
+        .await,
+        "an unconfirmed dead letter is counted once the confirm timeout passes; logs:\n{}",
+        tail(&sidecar.logs())
+    );
+    assert_eq!(
+        queue_messages(&queue).map(|m| m.0),
+        Some(10),
+        "the originals are still in the queue (held, then requeued)"
+    );
 
     drop(alarm);
     assert!(
