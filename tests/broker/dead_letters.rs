@@ -538,7 +538,16 @@ async fn after_an_outage_the_dead_letters_are_replayed_to_the_recovered_app() {
     let sidecar = Sidecar::start(&args(
         &queue,
         &url,
-        &["--queue-type", "quorum", "--max-deliveries", "2"],
+        // Without the circuit breaker (on by default, it would park these messages unspent
+        // instead): the outage dead-letters every message, as it did before the breaker and
+        // still does where it is turned off or the failures are not the kind it counts.
+        &[
+            "--queue-type",
+            "quorum",
+            "--max-deliveries",
+            "2",
+            "--circuit-breaker=false",
+        ],
     ));
     sidecar.wait_ready(Duration::from_secs(20)).await;
     let n = 20;
