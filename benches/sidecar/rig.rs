@@ -612,30 +612,26 @@ impl SidecarProc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The body of the admin server's `path` (e.g. `/metrics`).
-    pub async fn body_of(&self, path: &str) -> Option<String> {
+    /// A GET of the admin server's `path`, within 2 s.
+    async fn get(&self, path: &str) -> Option<hyper::Response<Incoming>> {
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build_http::<Empty<Bytes>>();
         let uri: hyper::Uri = format!("http://{}{path}", self.admin).parse().ok()?;
-        let r = tokio::time::timeout(Duration::from_secs(2), client.get(uri))
+        tokio::time::timeout(Duration::from_secs(2), client.get(uri))
             .await
             .ok()?
-            .ok()?;
-        let body = r.into_body().collect().await.ok()?.to_bytes();
-        Some(String::from_utf8_lossy(&body).into_owned())
+            .ok()
+    }
+
+    /// The body of the admin server's `path` (e.g. `/metrics`).
+    pub async fn body_of(&self, path: &str) -> Option<String> {
+        let body = self.get(path).await?.into_body().collect().await.ok()?;
+        Some(String::from_utf8_lossy(&body.to_bytes()).into_owned())
     }
 
     pub async fn status_of(&self, path: &str) -> Option<u16> {
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<Empty<Bytes>>();
-        let uri: hyper::Uri = format!("http://{}{path}", self.admin).parse().ok()?;
-        let r = tokio::time::timeout(Duration::from_secs(2), client.get(uri))
-            .await
-            .ok()?
-            .ok()?;
-        Some(r.status().as_u16())
+        Some(self.get(path).await?.status().as_u16())
     }
 
     /// Waits until `/readyz` answers 200 (consuming, or standing by).
