@@ -62,10 +62,10 @@ impl Management {
         self
     }
 
-    /// Whether `tag` is the active consumer of `queue`; `None` when the API cannot tell.
-    pub async fn consumer_active(&self, queue: &str, tag: &str) -> Option<bool> {
-        self.queue(queue)
-            .await?
+    /// Whether `tag` is the active consumer of the queue the API described as `queue` (the answer
+    /// of [`Management::queue`]); `None` when it does not say.
+    pub fn consumer_active(queue: &serde_json::Value, tag: &str) -> Option<bool> {
+        queue
             .get("consumer_details")?
             .as_array()?
             .iter()

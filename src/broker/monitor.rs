@@ -71,9 +71,15 @@ pub async fn run(
                 let Some(session) = session else { continue };
                 for sub in &config.subscriptions {
                     let q = &sub.queue;
+                    // One management API answer about the queue per poll: its own delivery-ack
+                    // timeout, and (below) whether this replica is its active consumer.
+                    let described = match &management {
+                        Some(api) => api.queue(q).await,
+                        None => None,
+                    };
                     if management.is_some() {
-                        let (facts, _) = QueueFacts::learn(management.clone(), q).await;
-                        match facts.consumer_timeout {
+                        let own = described.as_ref().and_then(|d| QueueFacts::from_management(d, None)).and_then(|f| f.consumer_timeout);
+                        match own {
                             Some(t) => timeouts.insert(q.clone(), t),
                             None => timeouts.remove(q),
                         };
@@ -101,8 +107,8 @@ pub async fn run(
                         }
                     }
                     // The management API's word when it has one; otherwise the inference rule.
-                    let from_api = match (&management, health.consumer_tag(q)) {
-                        (Some(api), Some(tag)) => api.consumer_active(q, &tag).await,
+                    let from_api = match (&described, health.consumer_tag(q)) {
+                        (Some(d), Some(tag)) => Management::consumer_active(d, &tag),
                         _ => None,
                     };
                     let active = from_api.unwrap_or_else(|| {
