@@ -187,9 +187,7 @@ pub(super) async fn give_back(
             copies::copy_properties(&delivery.properties, copies::return_stamp(prior), None);
         match confirm::publish(&ctx.publisher, queue, body, props).await {
             Ok(()) => {
-                let ack = ctx.acks.ack(delivery.delivery_tag);
-                let limit = ctx.acks.batching().wait + 2 * SETTLE_TIMEOUT;
-                if settle(shared, queue, ack, limit, trace).await {
+                if ack_tag(ctx, delivery.delivery_tag, trace).await {
                     emit_about(trace, MessageRequeued { queue, why }, &shared.metrics);
                 }
                 return;
@@ -218,10 +216,21 @@ async fn ack(ctx: &Ctx, msg: &InHand<'_>) -> bool {
     if batching.is_on() {
         msg.release_slot();
     }
-    let ack = ctx.acks.ack(msg.delivery.delivery_tag);
-    // The window, and the frames that may be sent ahead of this one.
-    let limit = batching.wait + 2 * SETTLE_TIMEOUT;
-    settle(&ctx.shared, ctx.sub.queue(), ack, limit, Some(msg.trace)).await
+    ack_tag(ctx, msg.delivery.delivery_tag, Some(msg.trace)).await
+}
+
+/// Acks `tag` through the coalescing path and waits, at most the window plus the frames that may
+/// be sent ahead of it, for the frame that covers it to be handed over.
+async fn ack_tag(ctx: &Ctx, tag: u64, trace: Option<&MessageTrace<'_>>) -> bool {
+    let limit = ctx.acks.batching().wait + 2 * SETTLE_TIMEOUT;
+    settle(
+        &ctx.shared,
+        ctx.sub.queue(),
+        ctx.acks.ack(tag),
+        limit,
+        trace,
+    )
+    .await
 }
 
 /// Waits for an ack or nack to be handed over, at most `limit`: on a connection that died
