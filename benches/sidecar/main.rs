@@ -49,6 +49,8 @@ use crate::failover::Timing;
 use crate::rig::{App, Broker, OtlpReceiver, ProcStats, QueueKind, SidecarProc};
 
 const PREFETCH: u16 = 128;
+/// The sidecar's default `--ack-batch-wait` (the bench runs it with its defaults).
+const ACK_BATCH_WAIT_MS: f64 = 5.0;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -830,16 +832,34 @@ fn judge(
         s
     };
     for &size in &sizes {
+        // With coalesced acks the sidecar must beat a consumer that acks one by one where the
+        // broker's per-ack work dominates (small bodies); with 16 KiB bodies the copying does,
+        // and the earlier target (not slower than baseline 2 by more than 10 %) stands.
+        let over_b2 = if size <= 256 { 1.5 } else { 0.9 };
         for c in [16, 64] {
             if let Some(r) = sidecar(c, false, size, Duration::ZERO)
                 && let Some(b2) = bare(c, size)
             {
-                let (measured, met) = paired_verdict(r, b2, 0.9);
+                let (measured, met) = paired_verdict(r, b2, over_b2);
                 out.push((
-                    format!("sidecar ≥ 0.9 × baseline 2 (c={c}, {size} B)"),
+                    format!("sidecar ≥ {over_b2} × baseline 2 (c={c}, {size} B)"),
                     measured,
                     met,
                 ));
+                // Coalescing holds an ack back at most --ack-batch-wait: at a moderate fixed rate
+                // the p99 from publish to the app's answer may exceed baseline 2's by that much.
+                let p99 = |r: &CaseResult| r.latency_ms.get("p99").copied();
+                if let (Some(s), Some(b)) = (p99(r), p99(b2)) {
+                    let allowed = b + ACK_BATCH_WAIT_MS;
+                    out.push((
+                        format!(
+                            "latency p99 ≤ baseline 2's + {ACK_BATCH_WAIT_MS} ms (c={c}, {size} B, {:.0} msg/s)",
+                            r.latency_rate
+                        ),
+                        format!("{s:.1} ms against {b:.1} ms"),
+                        Some(s <= allowed),
+                    ));
+                }
             }
         }
         for c in [1, 16, 64] {
@@ -847,10 +867,10 @@ fn judge(
                 sidecar(c, false, size, Duration::ZERO),
                 sidecar(c, true, size, Duration::ZERO),
             ) {
-                let (measured, met) = paired_verdict(on, off, 0.8);
+                let (measured, met) = paired_verdict(on, off, 0.9);
                 let exported = on.otlp_requests.unwrap_or(0);
                 out.push((
-                    format!("tracing on ≥ 0.8 × tracing off (c={c}, {size} B)"),
+                    format!("tracing on ≥ 0.9 × tracing off (c={c}, {size} B)"),
                     format!("{measured}, {exported} OTLP export requests received"),
                     met,
                 ));
