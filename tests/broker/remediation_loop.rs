@@ -430,7 +430,9 @@ async fn alerts_restart_the_app_and_the_sidecar_and_nothing_is_lost() {
     .await;
     assert_eq!(
         remediation_metric(&remediate_metrics(&remediate_base).await, "app", "success"),
-        0.0
+        0.0,
+        "nothing restarted the app before it was killed\n{}",
+        context()
     );
 
     // ---- Fault 1: the app is killed.
@@ -446,7 +448,12 @@ async fn alerts_restart_the_app_and_the_sidecar_and_nothing_is_lost() {
         context,
     )
     .await;
-    assert_ne!(app.pid(), app_pid, "restart.sh started a new app");
+    assert_ne!(
+        app.pid(),
+        app_pid,
+        "restart.sh started a new app\n{}",
+        context()
+    );
     let before = accepted(&record).len();
     let app_consuming = until(
         fault,
@@ -468,7 +475,11 @@ async fn alerts_restart_the_app_and_the_sidecar_and_nothing_is_lost() {
         context,
     )
     .await;
-    assert!(has_fired(&prometheus, "RabbitSidecarAppDown").await);
+    assert!(
+        has_fired(&prometheus, "RabbitSidecarAppDown").await,
+        "RabbitSidecarAppDown fired\n{}",
+        context()
+    );
     let metrics = remediate_metrics(&remediate_base).await;
     assert!(
         metric_value(
@@ -477,7 +488,8 @@ async fn alerts_restart_the_app_and_the_sidecar_and_nothing_is_lost() {
         )
         .unwrap_or(0.0)
             >= 1.0,
-        "{metrics}"
+        "{metrics}\n{}",
+        context()
     );
     assert_eq!(
         metric_value(
@@ -485,12 +497,14 @@ async fn alerts_restart_the_app_and_the_sidecar_and_nothing_is_lost() {
             "rabbit_sidecar_remediation_requests_total{result=\"unauthorized\"}"
         ),
         Some(0.0),
-        "Alertmanager's bearer token was refused"
+        "Alertmanager's bearer token was refused\n{}",
+        context()
     );
     assert_eq!(
         remediation_metric(&metrics, "sidecar", "success"),
         0.0,
-        "only the app was restarted"
+        "only the app was restarted\n{}",
+        context()
     );
     assert!(
         remediate.logs().contains("RabbitSidecarAppDown"),
@@ -532,11 +546,13 @@ async fn alerts_restart_the_app_and_the_sidecar_and_nothing_is_lost() {
     assert_ne!(
         sidecar.pid(),
         sidecar_pid,
-        "restart.sh started a new sidecar"
+        "restart.sh started a new sidecar\n{}",
+        context()
     );
     assert!(
         sidecar.logs().contains("ignored SIGTERM"),
-        "the frozen sidecar was killed after the stop timeout"
+        "the frozen sidecar was killed after the stop timeout\n{}",
+        context()
     );
     let sidecar_consuming = until(
         fault,
@@ -555,11 +571,25 @@ async fn alerts_restart_the_app_and_the_sidecar_and_nothing_is_lost() {
         context,
     )
     .await;
-    assert!(has_fired(&prometheus, "RabbitSidecarDown").await);
+    assert!(
+        has_fired(&prometheus, "RabbitSidecarDown").await,
+        "RabbitSidecarDown fired\n{}",
+        context()
+    );
     let metrics = remediate_metrics(&remediate_base).await;
-    assert_eq!(remediation_metric(&metrics, "app", "success"), 1.0);
+    assert_eq!(
+        remediation_metric(&metrics, "app", "success"),
+        1.0,
+        "the app was restarted once\n{}",
+        context()
+    );
     for target in ["app", "sidecar"] {
-        assert_eq!(remediation_metric(&metrics, target, "failure"), 0.0);
+        assert_eq!(
+            remediation_metric(&metrics, target, "failure"),
+            0.0,
+            "no restart of the {target} failed\n{}",
+            context()
+        );
     }
 
     // ---- Nothing lost: every published id accepted by the app.
