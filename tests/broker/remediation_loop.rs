@@ -375,6 +375,20 @@ async fn alerts_restart_the_app_and_the_sidecar_and_nothing_is_lost() {
         remediate.logs()
     );
     remediate.assert_running("remediate");
+    // The sidecar declares the queue. A message published before that is unroutable and the broker
+    // drops it: CI on RabbitMQ 4, where declaring took longer than the waits above, lost `loop-0`
+    // so. Publishing starts once the sidecar consumes.
+    assert!(
+        eventually(STEP, || async {
+            broker
+                .count(&queue)
+                .await
+                .is_some_and(|(_, consumers)| consumers >= 1)
+        })
+        .await,
+        "the sidecar never consumed {queue}:\n{}",
+        sidecar.logs()
+    );
 
     // A producer publishes throughout, 20 messages a second.
     let published = Arc::new(AtomicUsize::new(0));
