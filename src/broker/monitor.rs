@@ -74,16 +74,20 @@ pub async fn run(
                     // One management API answer about the queue per poll: its own delivery-ack
                     // timeout, and (below) whether this replica is its active consumer.
                     let described = match &management {
-                        Some(api) => api.queue(q).await,
+                        Some(api) => {
+                            let described = api.queue(q).await;
+                            let own_timeout = described
+                                .as_ref()
+                                .and_then(|d| QueueFacts::from_management(d, None))
+                                .and_then(|facts| facts.consumer_timeout);
+                            match own_timeout {
+                                Some(t) => timeouts.insert(q.clone(), t),
+                                None => timeouts.remove(q),
+                            };
+                            described
+                        }
                         None => None,
                     };
-                    if management.is_some() {
-                        let own = described.as_ref().and_then(|d| QueueFacts::from_management(d, None)).and_then(|f| f.consumer_timeout);
-                        match own {
-                            Some(t) => timeouts.insert(q.clone(), t),
-                            None => timeouts.remove(q),
-                        };
-                    }
                     let consumers = match topology::inspect(&session.connection, q).await {
                         Ok((ready, consumers)) => {
                             metrics.queue_messages_ready.with_label_values(&[q]).set(i64::from(ready));
