@@ -11,12 +11,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::header::{CONTENT_LENGTH, HeaderMap, HeaderValue, RETRY_AFTER};
+use hyper::header::{CONTENT_LENGTH, HOST, HeaderMap, HeaderValue, RETRY_AFTER};
 use hyper::{Method, Request, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use super::pool::{CONNECT_TIMEOUT, IDLE_TIMEOUT, Pool, SendError};
 use super::retry_after;
 use crate::policy::{Outcome, RetryReason};
 
@@ -39,10 +40,11 @@ pub struct Answer {
 /// The HTTP client to the app, with its target and deadline.
 #[derive(Clone, Debug)]
 pub struct Dispatcher {
-    client: Client<HttpConnector, Full<Bytes>>,
+    pool: Pool,
     target: Uri,
-    /// The `Host` header of every request, worked out once for callers to reuse (the client
-    /// formats it anew for each request that lacks one).
+    /// The target in origin form (`/path?query`), as an HTTP/1 request line carries it.
+    path: Uri,
+    /// The `Host` header of every request, worked out once for callers to reuse.
     host: Option<HeaderValue>,
     timeout: Duration,
     probe: Prober,
@@ -50,8 +52,20 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     pub fn new(target: Uri, timeout: Duration, health_url: Option<Uri>) -> Self {
-        let client = app_client();
-        let probe = Prober::with_client(target.clone(), health_url, client.clone());
+        let pool = Pool::new(
+            target.host().unwrap_or("127.0.0.1"),
+            target
+                .port_u16()
+                .or_else(|| default_port(&target))
+                .unwrap_or(80),
+        );
+        let path = target
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .parse()
+            .unwrap_or_else(|_| Uri::from_static("/"));
+        let probe = Prober::new(target.clone(), health_url);
         let host = target.host().and_then(|h| {
             let value = match target.port() {
                 Some(port) if Some(port.as_u16()) != default_port(&target) => format!("{h}:{port}"),
@@ -60,8 +74,9 @@ impl Dispatcher {
             HeaderValue::from_str(&value).ok()
         });
         Dispatcher {
-            client,
+            pool,
             target,
+            path,
             host,
             timeout,
             probe,
@@ -73,30 +88,34 @@ impl Dispatcher {
     }
 
     /// The `Host` header of every request, worked out once. A caller that builds the same
-    /// headers for many requests puts it in them once; where it is missing, the HTTP client
-    /// formats it from the target for each request.
+    /// headers for many requests puts it in them once; where it is missing, `dispatch` adds it.
     pub fn host(&self) -> Option<&HeaderValue> {
         self.host.as_ref()
     }
 
-    /// POSTs `body` with `headers` (with [`Dispatcher::host`] among them, or the client adds
-    /// `Host` itself) to the target and waits at most the handler timeout. `headers` may carry
-    /// a `Content-Length`, which must then be the body's length: the HTTP client frames the body
-    /// by it. Without one, the client adds it.
-    pub async fn dispatch(&self, body: Bytes, headers: HeaderMap) -> Answer {
+    /// POSTs `body` with `headers` (with [`Dispatcher::host`] among them, or it is added) to the
+    /// target and waits at most the handler timeout. `headers` may carry a `Content-Length`,
+    /// which must then be the body's length: the HTTP client frames the body by it. Without one,
+    /// the client adds it.
+    pub async fn dispatch(&self, body: Bytes, mut headers: HeaderMap) -> Answer {
         let started = Instant::now();
         debug_assert!(
             content_length_fits(&headers, body.len()),
             "a Content-Length that is not the body's"
         );
+        if let Some(host) = &self.host
+            && !headers.contains_key(HOST)
+        {
+            headers.insert(HOST, host.clone());
+        }
         let mut request = Request::builder()
             .method(Method::POST)
-            .uri(self.target.clone())
+            .uri(self.path.clone())
             .body(Full::new(body))
             .expect("a valid URI and method always build a request");
         *request.headers_mut() = headers;
         let call = async {
-            match self.client.request(request).await {
+            match self.pool.send(request).await {
                 Ok(response) => {
                     let status = response.status().as_u16();
                     let outcome = Outcome::from_status(status);
@@ -116,10 +135,8 @@ impl Dispatcher {
                     };
                     (outcome, detail, retry_after)
                 }
-                Err(e) if e.is_connect() => {
-                    (Outcome::Unreachable, "connection refused".to_string(), None)
-                }
-                Err(e) => {
+                Err(SendError::Connect(reason)) => (Outcome::Unreachable, reason, None),
+                Err(SendError::Http(e)) => {
                     let detail = format!("connection closed before an answer: {}", error_chain(&e));
                     if self.probe.probe().await {
                         (
@@ -213,13 +230,14 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     single_line(&out)
 }
 
-/// The pooled HTTP/1 client to the app (keep-alive, `TCP_NODELAY`, a short connect timeout).
+/// The client the prober asks the app's health URL with (keep-alive, `TCP_NODELAY`, the same
+/// timeouts as the pool messages go through).
 fn app_client() -> Client<HttpConnector, Full<Bytes>> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
     Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_idle_timeout(IDLE_TIMEOUT)
         .build(connector)
 }
 
@@ -233,20 +251,11 @@ pub struct Prober {
 }
 
 impl Prober {
-    /// A prober with a client of its own, for those that dispatch nothing (the app gate, `check`).
     pub fn new(target: Uri, health_url: Option<Uri>) -> Self {
-        Self::with_client(target, health_url, app_client())
-    }
-
-    fn with_client(
-        target: Uri,
-        health_url: Option<Uri>,
-        client: Client<HttpConnector, Full<Bytes>>,
-    ) -> Self {
         Prober {
             target,
             health_url,
-            client,
+            client: app_client(),
         }
     }
 

@@ -8,6 +8,7 @@ pub(crate) mod breaker;
 pub mod circuit;
 pub(crate) mod dispatch;
 pub(crate) mod gate;
+pub(crate) mod pool;
 pub(crate) mod retry_after;
 
 pub(crate) use breaker::Breaker;
