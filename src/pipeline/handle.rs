@@ -13,7 +13,7 @@ use crate::headers::DeliveryInfo;
 use crate::policy::{self, Circumstances, DeadLetterReason, Decision, Outcome, RetryReason};
 use crate::telemetry::events::{HandlerAnswered, ReturnReason};
 use crate::telemetry::metrics::HandlerOutcome;
-use crate::telemetry::trace::{MessageTrace, Server};
+use crate::telemetry::trace::MessageTrace;
 
 /// Handles one received message: with a slot (`permit`) when it goes to the app, without one
 /// when it is dead-lettered on arrival.
@@ -39,11 +39,7 @@ pub(super) async fn handle(
         properties: &delivery.properties,
         body_len: body.len(),
     };
-    let server = Server {
-        address: &ctx.session.host,
-        port: ctx.session.port,
-    };
-    let trace = MessageTrace::start(&info, server);
+    let trace = MessageTrace::start(&info, &ctx.process_target);
     let slot = std::sync::Mutex::new(permit);
     let msg = InHand {
         delivery,

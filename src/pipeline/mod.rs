@@ -52,7 +52,7 @@ use crate::headers::QueueHeaders;
 use crate::policy::Limits;
 use crate::telemetry::events::Event;
 use crate::telemetry::metrics::{Metrics, QueueSeries};
-use crate::telemetry::trace::{HttpTarget, MessageTrace};
+use crate::telemetry::trace::{HttpTarget, MessageTrace, ProcessTarget};
 
 /// One queue consumed on behalf of the app.
 #[derive(Debug)]
@@ -201,6 +201,8 @@ struct Ctx {
     /// Sends the acks and nacks on `consuming`, coalescing acks.
     acks: Acks,
     series: QueueSeries,
+    /// The CONSUMER span attributes of this queue's deliveries from this session's node.
+    process_target: ProcessTarget,
     /// The CLIENT span attributes of calls to the app.
     http_target: HttpTarget,
     /// The HTTP headers every delivery from this queue starts with.

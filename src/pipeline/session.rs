@@ -24,7 +24,7 @@ use crate::config::QueueType;
 use crate::headers::QueueHeaders;
 use crate::telemetry::events::{ConsumerStarted, ConsumerStopped, Event, ReturnReason};
 use crate::telemetry::metrics::CancelReason;
-use crate::telemetry::trace::HttpTarget;
+use crate::telemetry::trace::{HttpTarget, ProcessTarget, Server};
 
 /// How a consumer session ended.
 pub(super) enum Exit {
@@ -185,6 +185,13 @@ async fn open(
         consuming,
         acks,
         series,
+        process_target: ProcessTarget::new(
+            sub.queue(),
+            Server {
+                address: &session.host,
+                port: session.port,
+            },
+        ),
         http_target: HttpTarget::new("POST", sub.dispatcher.target()),
         headers: match sub.dispatcher.host() {
             Some(host) => headers.with_fixed(hyper::header::HOST, host.clone()),

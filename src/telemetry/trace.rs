@@ -58,7 +58,7 @@ use opentelemetry::trace::{
     Span as _, SpanBuilder, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _,
     TraceFlags, TraceId, TraceState, Tracer as _,
 };
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::{Context, KeyValue, StringValue};
 use opentelemetry_sdk::trace::{SdkTracer, Span as SdkSpan};
 use tracing_subscriber::Layer;
 use tracing_subscriber::filter::{FilterFn, Filtered, LevelFilter};
@@ -141,13 +141,13 @@ impl std::fmt::Debug for MessageTrace<'_> {
 
 impl<'a> MessageTrace<'a> {
     /// Continues the producer's trace (or starts one) with a process span when exporting.
-    pub fn start(delivery: &DeliveryInfo<'a>, server: Server<'_>) -> MessageTrace<'a> {
+    pub fn start(delivery: &DeliveryInfo<'a>, target: &ProcessTarget) -> MessageTrace<'a> {
         let props = delivery.properties;
         let remote = extract_context(props.headers().as_ref());
         let tracer = current_tracer();
         let cx = match &tracer {
             Some(tracer) => {
-                let span = tracer.build_with_context(process_span(delivery, server), &remote);
+                let span = tracer.build_with_context(process_span(delivery, target), &remote);
                 remote.with_span(span)
             }
             None => remote,
@@ -241,10 +241,13 @@ impl<'a> MessageTrace<'a> {
             },
         };
         let (parent, state) = encode(sc);
-        if let Ok(value) = hyper::header::HeaderValue::from_str(&parent) {
+        // The strings' buffers become the values: checked, not copied.
+        let value =
+            |s: String| hyper::header::HeaderValue::from_maybe_shared(bytes::Bytes::from(s));
+        if let Ok(value) = value(parent) {
             headers.insert(TRACEPARENT_HEADER, value);
         }
-        if let Some(value) = state.and_then(|s| hyper::header::HeaderValue::from_str(&s).ok()) {
+        if let Some(Ok(value)) = state.map(value) {
             headers.insert(TRACESTATE_HEADER, value);
         }
     }
@@ -370,18 +373,48 @@ impl ClientSpan {
     }
 }
 
+/// What every CONSUMER span of one queue's deliveries from one broker node carries, worked out
+/// once per consumer session rather than per message: the attributes that do not change, with
+/// their strings shared, not copied.
+#[derive(Debug, Clone)]
+pub struct ProcessTarget {
+    queue: StringValue,
+    attributes: Vec<KeyValue>,
+}
+
+impl ProcessTarget {
+    pub fn new(queue: &str, server: Server<'_>) -> ProcessTarget {
+        let queue = StringValue::from(Arc::<str>::from(queue));
+        ProcessTarget {
+            attributes: vec![
+                KeyValue::new("messaging.system", "rabbitmq"),
+                KeyValue::new("messaging.operation.type", "process"),
+                KeyValue::new("messaging.operation.name", "process"),
+                KeyValue::new("messaging.destination.name", queue.clone()),
+                KeyValue::new(
+                    "server.address",
+                    StringValue::from(Arc::<str>::from(server.address)),
+                ),
+                KeyValue::new("server.port", i64::from(server.port)),
+            ],
+            queue,
+        }
+    }
+}
+
 /// The CONSUMER span of a delivery, with the messaging attributes.
-fn process_span(meta: &DeliveryInfo<'_>, server: Server<'_>) -> SpanBuilder {
-    let mut attributes = Vec::with_capacity(12);
+fn process_span(meta: &DeliveryInfo<'_>, target: &ProcessTarget) -> SpanBuilder {
+    let mut attributes = Vec::with_capacity(target.attributes.len() + 6);
+    attributes.extend(target.attributes.iter().cloned());
+    // Through the default exchange (the usual way to a queue) the routing key is the queue's
+    // name: shared then, not copied.
+    let routing_key = if meta.routing_key == target.queue.as_str() {
+        target.queue.clone()
+    } else {
+        StringValue::from(meta.routing_key.to_owned())
+    };
     attributes.extend([
-        KeyValue::new("messaging.system", "rabbitmq"),
-        KeyValue::new("messaging.operation.type", "process"),
-        KeyValue::new("messaging.operation.name", "process"),
-        KeyValue::new("messaging.destination.name", meta.queue.to_owned()),
-        KeyValue::new(
-            "messaging.rabbitmq.destination.routing_key",
-            meta.routing_key.to_owned(),
-        ),
+        KeyValue::new("messaging.rabbitmq.destination.routing_key", routing_key),
         KeyValue::new(
             "messaging.rabbitmq.message.delivery_tag",
             i64::try_from(meta.delivery_tag).unwrap_or(i64::MAX),
@@ -390,8 +423,6 @@ fn process_span(meta: &DeliveryInfo<'_>, server: Server<'_>) -> SpanBuilder {
             "messaging.message.body.size",
             i64::try_from(meta.body_len).unwrap_or(i64::MAX),
         ),
-        KeyValue::new("server.address", server.address.to_owned()),
-        KeyValue::new("server.port", i64::from(server.port)),
     ]);
     if let Some(id) = meta.properties.message_id() {
         attributes.push(KeyValue::new("messaging.message.id", id.to_string()));

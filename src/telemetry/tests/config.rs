@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::{SERVER, meta, sent_to_app};
+use super::{meta, sent_to_app, target};
 use crate::telemetry::trace::MessageTrace;
 use crate::telemetry::{LogFormat, Telemetry, TelemetryError};
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -187,7 +187,7 @@ fn flags_sent_to_app(sampler: &str) -> String {
         )),
     );
     let sent = tracing::dispatcher::with_default(&dispatch, || {
-        sent_to_app(&MessageTrace::start(&meta(Some(&headers)), SERVER))
+        sent_to_app(&MessageTrace::start(&meta(Some(&headers)), &target()))
     });
     let parent = sent["traceparent"].to_str().unwrap().to_owned();
     assert!(

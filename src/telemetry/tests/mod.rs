@@ -8,7 +8,7 @@ use lapin::types::FieldTable;
 use lapin::BasicProperties;
 
 use crate::headers::DeliveryInfo;
-use crate::telemetry::trace::{HttpTarget, MessageTrace, Server};
+use crate::telemetry::trace::{HttpTarget, MessageTrace, ProcessTarget, Server};
 
 mod config;
 mod log_level;
@@ -22,6 +22,11 @@ const SERVER: Server<'static> = Server {
     address: "rabbit-1",
     port: 5672,
 };
+
+/// What the consumer of `orders` on [`SERVER`] gives every delivery's span.
+fn target() -> ProcessTarget {
+    ProcessTarget::new("orders", SERVER)
+}
 
 /// A delivery of `orders` (through `shop`, key `order.created`, tag 42, message id `msg-1`,
 /// correlation id `corr-9`) carrying `headers`. Its properties are leaked: a test's few bytes,

@@ -61,6 +61,8 @@ fn spans() -> Vec<SpanData> {
                 KeyValue::new("ratio", 0.25),
                 KeyValue::new("flag", false),
                 KeyValue::new("long", "x".repeat(300)),
+                KeyValue::new("", "no key"),
+                KeyValue::new("k".repeat(200), 1),
                 KeyValue::new("bools", Value::Array(Array::Bool(vec![true, false]))),
                 KeyValue::new("ints", Value::Array(Array::I64(vec![1, -2, 300]))),
                 KeyValue::new("floats", Value::Array(Array::F64(vec![1.5]))),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::headers::DeliveryInfo;
 use crate::telemetry::setup::{LogFormat, SHUTDOWN_GRACE, Telemetry};
-use crate::telemetry::trace::{HttpTarget, MessageTrace, Server};
+use crate::telemetry::trace::{HttpTarget, MessageTrace, ProcessTarget, Server};
 use bytes::{BufMut as _, Bytes, BytesMut};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Full, StreamBody};
@@ -158,7 +158,7 @@ fn one_delivery() {
         address: "127.0.0.1",
         port: 5672,
     };
-    let trace = MessageTrace::start(&delivery, server);
+    let trace = MessageTrace::start(&delivery, &ProcessTarget::new("orders", server));
     assert!(trace.exporting());
     let mut call = trace.dispatch_span(&HttpTarget::new(
         "POST",

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::{SERVER, meta, sent_to_app, with_props};
+use super::{meta, sent_to_app, target, with_props};
 use crate::telemetry::setup::{LogFormat, Telemetry, otel_layer};
 use crate::telemetry::trace::{HttpTarget, MessageTrace, extract_context, parse_traceparent};
 use hyper::HeaderMap;
@@ -84,7 +84,7 @@ fn process_span_continues_the_producer_trace_with_messaging_attributes() {
         ("tracestate", long("vendor=abc")),
     ]);
     let (trace_id, spans) = with_exporter(|| {
-        let trace = MessageTrace::start(&meta(Some(&table)), SERVER);
+        let trace = MessageTrace::start(&meta(Some(&table)), &target());
         assert!(trace.exporting());
         trace.record_decision("dead_letter", "HTTP 422: no such product");
         trace.record_error("http_422");
@@ -146,7 +146,7 @@ fn process_span_continues_the_producer_trace_with_messaging_attributes() {
 #[test]
 fn successful_delivery_has_no_error_and_optional_ids_are_absent() {
     let (trace_id, spans) = with_exporter(|| {
-        let trace = MessageTrace::start(&with_props(BasicProperties::default(), None), SERVER);
+        let trace = MessageTrace::start(&with_props(BasicProperties::default(), None), &target());
         trace.record_decision("ack", "");
         trace.trace_id().map(str::to_owned)
     });
@@ -178,7 +178,7 @@ fn client_span_is_a_child_and_the_app_gets_its_traceparent() {
         ("tracestate", long("vendor=abc")),
     ]);
     let (sent, spans) = with_exporter(|| {
-        let trace = MessageTrace::start(&meta(Some(&table)), SERVER);
+        let trace = MessageTrace::start(&meta(Some(&table)), &target());
         let uri: hyper::Uri = "http://user:secret@127.0.0.1:8080/messages?x=1"
             .parse()
             .unwrap();
@@ -222,7 +222,7 @@ fn client_span_is_a_child_and_the_app_gets_its_traceparent() {
 #[test]
 fn client_errors_without_a_response_are_recorded() {
     let (_, spans) = with_exporter(|| {
-        let trace = MessageTrace::start(&meta(None), SERVER);
+        let trace = MessageTrace::start(&meta(None), &target());
         let mut call = trace.dispatch_span(&HttpTarget::new(
             "POST",
             &"http://localhost/x".parse().unwrap(),
@@ -261,7 +261,7 @@ fn republished_copies_carry_the_process_span_onward() {
         ("x-attempt", AMQPValue::LongInt(2)),
     ]);
     let (copy, spans) = with_exporter(|| {
-        let trace = MessageTrace::start(&meta(Some(&table)), SERVER);
+        let trace = MessageTrace::start(&meta(Some(&table)), &target());
         let mut copy = table.clone();
         trace.inject_amqp(&mut copy);
         copy
@@ -302,7 +302,8 @@ fn string_like_amqp_types_are_all_understood() {
         long(&format!(" {TRACEPARENT}\n")),
     ] {
         let table = headers(vec![("traceparent", value.clone())]);
-        let (_, spans) = with_exporter(|| drop(MessageTrace::start(&meta(Some(&table)), SERVER)));
+        let (_, spans) =
+            with_exporter(|| drop(MessageTrace::start(&meta(Some(&table)), &target())));
         let span = find(&spans, "process orders");
         assert_eq!(
             span.span_context.trace_id(),
@@ -355,7 +356,7 @@ fn garbage_traceparents_start_a_fresh_root_without_panicking() {
             ("tracestate", AMQPValue::LongLongInt(7)),
         ]);
         let ((trace_id, sent), spans) = with_exporter(|| {
-            let trace = MessageTrace::start(&meta(Some(&table)), SERVER);
+            let trace = MessageTrace::start(&meta(Some(&table)), &target());
             (trace.trace_id().map(str::to_owned), sent_to_app(&trace))
         });
         let span = find(&spans, "process orders");
@@ -385,7 +386,7 @@ fn garbage_traceparents_start_a_fresh_root_without_panicking() {
 fn garbage_without_an_exporter_propagates_nothing() {
     for value in garbage() {
         let table = headers(vec![("traceparent", value.clone())]);
-        let trace = MessageTrace::start(&meta(Some(&table)), SERVER);
+        let trace = MessageTrace::start(&meta(Some(&table)), &target());
         assert!(!trace.exporting());
         assert_eq!(trace.trace_id(), None, "{value:?}");
         let call = trace.dispatch_span(&HttpTarget::new(
@@ -409,7 +410,7 @@ fn without_an_exporter_the_producer_context_goes_to_the_app_unchanged() {
         ("tracestate", long("vendor=abc,other=1")),
     ]);
     // No subscriber at all, as when RUST_LOG filters everything and no endpoint is set.
-    let trace = MessageTrace::start(&meta(Some(&table)), SERVER);
+    let trace = MessageTrace::start(&meta(Some(&table)), &target());
     assert!(!trace.exporting());
     assert_eq!(trace.trace_id(), Some(TRACE_ID));
     let sent = sent_to_app(&trace);
@@ -428,7 +429,7 @@ fn unsampled_parent_stays_unsampled() {
     let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
     let table = headers(vec![("traceparent", long(unsampled))]);
     let (sent, spans) =
-        with_exporter(|| sent_to_app(&MessageTrace::start(&meta(Some(&table)), SERVER)));
+        with_exporter(|| sent_to_app(&MessageTrace::start(&meta(Some(&table)), &target())));
     assert!(
         spans.is_empty(),
         "parent-based sampling drops it: {spans:?}"
@@ -485,7 +486,7 @@ fn log_inside_a_delivery(format: LogFormat) -> String {
     assert!(!telemetry.exporting());
     let table = headers(vec![("traceparent", long(TRACEPARENT))]);
     tracing::dispatcher::with_default(&dispatch, || {
-        let trace = MessageTrace::start(&meta(Some(&table)), SERVER);
+        let trace = MessageTrace::start(&meta(Some(&table)), &target());
         // As the consumer does: what it logs about the delivery, it logs in the delivery's span.
         trace.in_scope(|| tracing::info!("calling the app"));
     });
@@ -551,7 +552,7 @@ fn the_log_span_is_made_only_when_something_is_logged_in_it() {
     let table = headers(vec![("traceparent", long(TRACEPARENT))]);
     tracing::subscriber::with_default(subscriber, || {
         // A delivery handled without a log line: no span for the log layer to format.
-        let quiet = MessageTrace::start(&meta(Some(&table)), SERVER);
+        let quiet = MessageTrace::start(&meta(Some(&table)), &target());
         let call = quiet.dispatch_span(&HttpTarget::new(
             "POST",
             &"http://127.0.0.1:1/".parse().unwrap(),
@@ -561,10 +562,26 @@ fn the_log_span_is_made_only_when_something_is_logged_in_it() {
         drop(quiet);
         assert_eq!(made(), 0);
         // One that logs twice: one span, made once, carrying the trace id.
-        let noisy = MessageTrace::start(&meta(Some(&table)), SERVER);
+        let noisy = MessageTrace::start(&meta(Some(&table)), &target());
         noisy.in_scope(|| tracing::warn!("first"));
         noisy.in_scope(|| tracing::warn!("second"));
         assert_eq!(made(), 1);
         assert_eq!(noisy.trace_id(), Some(TRACE_ID));
     });
+}
+
+#[test]
+fn through_the_default_exchange_the_routing_key_is_the_queue_and_no_exchange_is_named() {
+    // The span shares the queue's name for the routing key then, rather than copying it.
+    let mut delivery = meta(None);
+    delivery.exchange = "";
+    delivery.routing_key = "orders";
+    let (_, spans) = with_exporter(|| drop(MessageTrace::start(&delivery, &target())));
+    let span = find(&spans, "process orders");
+    assert_eq!(
+        str_attr(span, "messaging.rabbitmq.destination.routing_key"),
+        "orders"
+    );
+    assert_eq!(str_attr(span, "messaging.destination.name"), "orders");
+    assert_eq!(attr(span, "rabbit_sidecar.exchange"), None);
 }
