@@ -242,45 +242,8 @@ fn nanos(t: SystemTime) -> u64 {
 
 fn attributes<'a>(b: &mut Vec<u8>, field: u32, attributes: impl IntoIterator<Item = &'a KeyValue>) {
     for kv in attributes {
-        key_value_field(b, field, &kv.key, &kv.value);
+        message(b, field, |b| key_value(b, &kv.key, &kv.value));
     }
-}
-
-/// A `KeyValue` as field `field`. Spans carry a dozen of these each, nearly all with a string or
-/// a number: for those the lengths are worked out first and the bytes written front to back once,
-/// where [`message`] would write a length for the pair and another for its value and fix both up
-/// afterwards. Other values go through [`message`].
-fn key_value_field(b: &mut Vec<u8>, field: u32, key: &Key, value: &Value) {
-    let value_len = match value {
-        Value::String(s) => len_field_len(1, s.as_str().len()),
-        Value::Bool(_) => tag_len(2) + 1,
-        Value::I64(v) => tag_len(3) + varint_len(*v as u64),
-        Value::F64(_) => tag_len(4) + 8,
-        _ => return message(b, field, |b| key_value(b, key, value)),
-    };
-    let key = key.as_str();
-    let key_len = if key.is_empty() {
-        0
-    } else {
-        len_field_len(1, key.len())
-    };
-    let pair_len = key_len + len_field_len(2, value_len);
-    b.reserve(len_field_len(field, pair_len));
-    tag(b, field, LEN);
-    varint(b, pair_len as u64);
-    string(b, 1, key);
-    tag(b, 2, LEN);
-    varint(b, value_len as u64);
-    any_value(b, value);
-}
-
-/// The bytes a length-delimited field `field` of `len` bytes takes: tag, length, content.
-fn len_field_len(field: u32, len: usize) -> usize {
-    tag_len(field) + varint_len(len as u64) + len
-}
-
-fn tag_len(field: u32) -> usize {
-    varint_len(u64::from(field << 3))
 }
 
 fn key_value(b: &mut Vec<u8>, key: &Key, value: &Value) {
