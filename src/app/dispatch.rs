@@ -52,13 +52,8 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     pub fn new(target: Uri, timeout: Duration, health_url: Option<Uri>) -> Self {
-        let pool = Pool::new(
-            target.host().unwrap_or("127.0.0.1"),
-            target
-                .port_u16()
-                .or_else(|| default_port(&target))
-                .unwrap_or(80),
-        );
+        let (host, port) = address(&target);
+        let pool = Pool::new(host, port);
         let path = target
             .path_and_query()
             .map(|p| p.as_str())
@@ -183,6 +178,16 @@ fn content_length_fits(headers: &HeaderMap, len: usize) -> bool {
     }
 }
 
+/// Where the app listens: the target's host (an IPv6 address without its brackets) and port,
+/// the scheme's default when the URL names none.
+fn address(uri: &Uri) -> (&str, u16) {
+    let host = uri.host().unwrap_or("127.0.0.1").trim_matches(['[', ']']);
+    (
+        host,
+        uri.port_u16().or_else(|| default_port(uri)).unwrap_or(80),
+    )
+}
+
 fn default_port(uri: &Uri) -> Option<u16> {
     match uri.scheme_str() {
         Some("http") => Some(80),
@@ -272,12 +277,7 @@ impl Prober {
                 )
             }
             None => {
-                let host = self
-                    .target
-                    .host()
-                    .unwrap_or("127.0.0.1")
-                    .trim_matches(['[', ']']);
-                let port = self.target.port_u16().unwrap_or(80);
+                let (host, port) = address(&self.target);
                 matches!(
                     tokio::time::timeout(deadline, tokio::net::TcpStream::connect((host, port)))
                         .await,
@@ -291,6 +291,18 @@ impl Prober {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_address_is_the_host_without_brackets_and_the_port_or_the_schemes_default() {
+        let at = |url: &str| {
+            let uri: Uri = url.parse().unwrap();
+            let (host, port) = address(&uri);
+            (host.to_owned(), port)
+        };
+        assert_eq!(at("http://127.0.0.1:8080/in"), ("127.0.0.1".into(), 8080));
+        assert_eq!(at("http://app/in"), ("app".into(), 80));
+        assert_eq!(at("http://[::1]:9000/"), ("::1".into(), 9000));
+    }
 
     #[test]
     fn a_content_length_fits_only_when_it_is_the_bodys_length() {
