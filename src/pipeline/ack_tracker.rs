@@ -6,10 +6,12 @@
 //! delivered on the channel ([`Tracker::delivered`]), in order, until it is settled; an accepted
 //! tag ([`Tracker::ack`]) waits until the run of accepted tags at the front of that list is
 //! [`max`](Tracker::new) long (one frame covers the run) or the oldest accepted tag has waited
-//! `wait` (then the run goes out as one frame, and every accepted tag behind a still-undecided
-//! one goes out alone, `multiple=false`). A tag given back or rejected is sent by the caller on
-//! its own and then [`settled`](Tracker::settled); until then it stays in the list and blocks
-//! any multiple ack from covering it.
+//! `wait`. Then the run goes out as one frame, and each accepted tag behind a still-undecided
+//! one that has itself waited `wait` goes out alone (`multiple=false`); the younger ones keep
+//! waiting, with their own clocks, for the gap to close (with many calls in flight, answers come
+//! back out of order, and the gap usually closes within the window). A tag given back or
+//! rejected is sent by the caller on its own and then [`settled`](Tracker::settled); until then
+//! it stays in the list and blocks any multiple ack from covering it.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -143,15 +145,16 @@ impl<W> Tracker<W> {
         self.oldest.is_some_and(|o| now >= o + self.wait)
     }
 
-    /// What to send now: the ready run once it is `max` long; everything accepted once the
-    /// oldest accepted tag has waited `wait`, or when `force`d (shutdown, closing the channel).
+    /// What to send now: the ready run once it is `max` long or once the oldest accepted tag
+    /// has waited `wait`, then with it every accepted tag that has waited `wait`; everything
+    /// accepted when `force`d (shutdown, closing the channel).
     pub fn take(&mut self, now: Instant, force: bool) -> Flush<W> {
-        let all = force || self.overdue(now);
+        let overdue = self.overdue(now);
         let mut flush = Flush {
             run: None,
             singles: Vec::new(),
         };
-        if !all && self.ready < self.max {
+        if !force && !overdue && self.ready < self.max {
             return flush;
         }
         if self.ready > 0 {
@@ -171,15 +174,19 @@ impl<W> Tracker<W> {
             self.ready = 0;
             flush.run = Some(Run { tag, waiters });
         }
-        if all && self.accepted > 0 {
+        if (force || overdue) && self.accepted > 0 {
+            // Accepted tags whose time is up (all of them when forced): out now, alone.
+            let wait = self.wait;
             let tags = std::mem::take(&mut self.tags);
             for (tag, slot) in tags {
                 match slot {
-                    Slot::Ack { waiter, .. } => flush.singles.push((tag, waiter)),
-                    Slot::Open => self.tags.push_back((tag, Slot::Open)),
+                    Slot::Ack { at, waiter } if force || at + wait <= now => {
+                        flush.singles.push((tag, waiter));
+                        self.accepted -= 1;
+                    }
+                    slot => self.tags.push_back((tag, slot)),
                 }
             }
-            self.accepted = 0;
         }
         self.oldest = self
             .tags
@@ -363,6 +370,36 @@ mod tests {
         assert_eq!(t.pending(), 1);
         assert!(t.due(now + WAIT), "4 was accepted first and its time is up");
         assert_eq!(sent(t.take(now + WAIT, false)), (None, vec![4]));
+    }
+
+    #[test]
+    fn behind_a_gap_only_the_tags_whose_time_is_up_go_out_alone() {
+        let now = Instant::now();
+        let mut t = tracker(32, 1..=6);
+        ack(&mut t, 1, now);
+        // 2 stays with the app; 3 was accepted with 1, 4 and 5 a little later.
+        ack(&mut t, 3, now);
+        ack(&mut t, 4, now + WAIT / 2);
+        ack(&mut t, 5, now + WAIT / 2);
+        assert_eq!(
+            sent(t.take(now + WAIT, false)),
+            (Some((1, vec![1])), vec![3]),
+            "4 and 5 have waited half their time: they wait on for 2"
+        );
+        assert_eq!(t.pending(), 2);
+        assert!(!t.due(now + WAIT), "nothing else is due yet");
+        ack(&mut t, 2, now + WAIT);
+        ack(&mut t, 6, now + WAIT);
+        assert!(
+            !t.due(now + WAIT),
+            "a run of four, not 32, and no time is up"
+        );
+        assert_eq!(
+            sent(t.take(now + WAIT + WAIT / 2, false)),
+            (Some((6, vec![2, 4, 5, 6])), vec![]),
+            "the gap closed: one frame for the four"
+        );
+        assert_eq!(t.pending(), 0);
     }
 
     #[test]

@@ -7,8 +7,8 @@
 //! span, health and counters see the ack as they would a single one, and the message counts as
 //! unacked (oldest-unacked age, delivery-ack timeout warning) until it is acked. The task gives
 //! up its `--concurrency` slot before it waits. Whoever makes a run `max` long sends it; a task
-//! whose window is over sends everything accepted (so every ack leaves within about `wait`); on
-//! shutdown everything accepted leaves at once.
+//! whose window is over sends every accepted tag whose window is over (so every ack leaves
+//! within about `wait`); on shutdown everything accepted leaves at once.
 //!
 //! Frames leave in order: every send happens under one lock, and the tracker is read under it,
 //! so a multiple ack never overtakes the nack of a tag below it. Nacks are always single
@@ -109,7 +109,7 @@ impl Acks {
             return self.send_ack(tag, false, 1).await;
         }
         if self.due() {
-            self.flush(false).await;
+            self.flush(false, None).await;
         }
         let deadline = tokio::time::Instant::from_std(accepted + self.batching.wait);
         tokio::select! {
@@ -117,9 +117,9 @@ impl Acks {
             _ = tokio::time::sleep_until(deadline) => {}
             _ = self.shutdown.cancelled() => {}
         }
-        // The window is over: send everything accepted, this tag included (or someone else is
-        // sending it right now, under the lock this waits for).
-        self.flush(true).await;
+        // This tag's window is over: send it with every other accepted tag whose window is over
+        // (or someone else is sending it right now, under the lock this waits for).
+        self.flush(false, Some(accepted + self.batching.wait)).await;
         rx.await.unwrap_or_else(|_| Err(dropped()))
     }
 
@@ -145,7 +145,7 @@ impl Acks {
         drop(sending);
         // What waited behind this tag may make a full run now.
         if self.due() {
-            self.flush(false).await;
+            self.flush(false, None).await;
         }
         sent
     }
@@ -153,7 +153,7 @@ impl Acks {
     /// Sends everything accepted now (before the channel is closed on purpose).
     pub async fn flush_all(&self) {
         if self.batching.is_on() {
-            self.flush(true).await;
+            self.flush(true, None).await;
         }
     }
 
@@ -168,10 +168,13 @@ impl Acks {
         self.shutdown.is_cancelled() || self.tracker().due(Instant::now())
     }
 
-    async fn flush(&self, force: bool) {
+    /// Sends what the tracker says is due; `expired`: a deadline known to have passed (the clock
+    /// read here is never taken to be before it).
+    async fn flush(&self, force: bool, expired: Option<Instant>) {
         let _sending = self.sending.lock().await;
         let force = force || self.shutdown.is_cancelled();
-        let Flush { run, singles } = self.tracker().take(Instant::now(), force);
+        let now = expired.map_or_else(Instant::now, |e| Instant::now().max(e));
+        let Flush { run, singles } = self.tracker().take(now, force);
         if let Some(run) = run {
             let sent = self
                 .send_ack(run.tag, run.multiple(), run.waiters.len())
