@@ -135,23 +135,10 @@ fn every_span_field_is_encoded_as_the_official_conversion_does() {
 
     // The official conversion groups all spans of a scope together; ours keeps the batch order
     // and starts a new scope entry when the scope changes. Compare span by span, then scopes.
-    let flat = |r: &ExportTraceServiceRequest| {
-        r.resource_spans
-            .iter()
-            .flat_map(|rs| &rs.scope_spans)
-            .flat_map(|ss| {
-                ss.spans
-                    .iter()
-                    .map(move |s| (ss.scope.clone(), ss.schema_url.clone(), s.clone()))
-            })
-            .collect::<Vec<_>>()
-    };
-    let mut expected = flat(&official(&resource, spans.clone()));
-    let mut got = flat(&ours);
-    let key = |e: &(_, _, opentelemetry_proto::tonic::trace::v1::Span)| e.2.span_id.clone();
-    expected.sort_by_key(key);
-    got.sort_by_key(key);
-    assert_eq!(got, expected);
+    assert_eq!(
+        by_span_id(&ours),
+        by_span_id(&official(&resource, spans.clone()))
+    );
 
     let official = official(&resource, spans);
     assert_eq!(ours.resource_spans.len(), 1);
@@ -175,6 +162,72 @@ fn every_span_field_is_encoded_as_the_official_conversion_does() {
             ("other".to_owned(), 3),
             ("rabbit-sidecar".to_owned(), 1)
         ]
+    );
+}
+
+type ScopedSpan = (
+    Option<opentelemetry_proto::tonic::common::v1::InstrumentationScope>,
+    String,
+    opentelemetry_proto::tonic::trace::v1::Span,
+);
+
+/// Every span of a request with its scope and schema, in the order of their span ids.
+fn by_span_id(r: &ExportTraceServiceRequest) -> Vec<ScopedSpan> {
+    let mut spans: Vec<ScopedSpan> = r
+        .resource_spans
+        .iter()
+        .flat_map(|rs| &rs.scope_spans)
+        .flat_map(|ss| {
+            ss.spans
+                .iter()
+                .map(move |s| (ss.scope.clone(), ss.schema_url.clone(), s.clone()))
+        })
+        .collect();
+    spans.sort_by_key(|e| e.2.span_id.clone());
+    spans
+}
+
+/// Attributes shared by many spans are written once and copied: what is copied must be exactly
+/// the attribute, whatever else shares its key, its value or its text.
+#[test]
+fn attributes_shared_by_many_spans_are_encoded_as_the_official_conversion_does() {
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let tracer = provider.tracer("rabbit-sidecar");
+    let queue: std::sync::Arc<str> = "orders".into();
+    let node: std::sync::Arc<str> = "rabbit-1".into();
+    for i in 0..40 {
+        let shared = |key: &'static str, text: &std::sync::Arc<str>| {
+            KeyValue::new(key, Value::String(StringValue::from(text.clone())))
+        };
+        let mut span = tracer.build(SpanBuilder::from_name("process orders").with_attributes([
+            shared("messaging.destination.name", &queue),
+            // The same text under another key, and another text under the same key.
+            shared("messaging.rabbitmq.destination.routing_key", &queue),
+            shared("server.address", if i % 2 == 0 { &node } else { &queue }),
+            KeyValue::new("messaging.system", "rabbitmq"),
+            // Owned and new for every span, some equal in text.
+            KeyValue::new("messaging.message.id", format!("m-{}", i % 3)),
+            KeyValue::new("messaging.rabbitmq.message.delivery_tag", i),
+            KeyValue::new("empty", ""),
+            KeyValue::new("long", "x".repeat(200)),
+        ]));
+        // The same attribute in an event: another field, written on its own.
+        span.add_event(
+            "decision",
+            vec![KeyValue::new("messaging.system", "rabbitmq")],
+        );
+        span.end();
+    }
+    provider.force_flush().unwrap();
+    let spans = exporter.get_finished_spans().unwrap();
+    assert_eq!(spans.len(), 40);
+    let resource = resource();
+    assert_eq!(
+        by_span_id(&ours(&resource, &spans)),
+        by_span_id(&official(&resource, spans))
     );
 }
 
