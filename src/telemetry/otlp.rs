@@ -244,24 +244,23 @@ fn nanos(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// String attributes already written into one request, by field and by where their key's and
-/// value's bytes live, with a copy of their bytes. (A copy, not a place in the request: a message
-/// around them moves them when its length turns out to need more than one byte.)
+/// String attributes already encoded for one request (as `KeyValue` messages, without the field
+/// and length around them), by where their key's and value's bytes live.
 ///
 /// Every span of a request is alive while it is written, so two attributes whose key and value
 /// are at the same addresses with the same lengths are the same text: the second is a copy of
-/// the first one's bytes. The attributes every span of a subscription shares (the queue, the node,
+/// the first one's encoding. The attributes every span of a subscription shares (the queue, the node,
 /// the operation: one string each, shared) are then written once per request rather than once per
 /// span, which was about 275 instructions each.
 #[derive(Default)]
 struct Memo {
     written: HashMap<AttributeAt, Range<usize>, BuildHasherDefault<AddressHasher>>,
-    /// The bytes of every attribute in `written`, one after the other.
+    /// The encodings of every attribute in `written`, one after the other.
     bytes: Vec<u8>,
 }
 
-/// The field, then the key's and the value's address and length.
-type AttributeAt = (u32, usize, usize, usize, usize);
+/// The key's and the value's address and length.
+type AttributeAt = (usize, usize, usize, usize);
 
 /// For a few addresses and lengths: a multiply and a rotate per word, not SipHash.
 #[derive(Default)]
@@ -276,10 +275,6 @@ impl Hasher for AddressHasher {
 
     fn write_u64(&mut self, n: u64) {
         self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
-    }
-
-    fn write_u32(&mut self, n: u32) {
-        self.write_u64(u64::from(n));
     }
 
     fn write_usize(&mut self, n: usize) {
@@ -303,22 +298,18 @@ fn attributes<'a>(
             continue;
         };
         let (k, v) = (kv.key.as_str(), value.as_str());
-        let id = (
-            field,
-            k.as_ptr() as usize,
-            k.len(),
-            v.as_ptr() as usize,
-            v.len(),
-        );
-        if let Some(range) = memo.written.get(&id) {
-            b.extend_from_slice(&memo.bytes[range.clone()]);
-            continue;
-        }
-        let start = b.len();
-        message(b, field, |b| key_value(b, &kv.key, &kv.value));
-        let at = memo.bytes.len();
-        memo.bytes.extend_from_slice(&b[start..]);
-        memo.written.insert(id, at..memo.bytes.len());
+        let id = (k.as_ptr() as usize, k.len(), v.as_ptr() as usize, v.len());
+        let encoded = match memo.written.get(&id) {
+            Some(range) => range.clone(),
+            None => {
+                let at = memo.bytes.len();
+                key_value(&mut memo.bytes, &kv.key, &kv.value);
+                let range = at..memo.bytes.len();
+                memo.written.insert(id, range.clone());
+                range
+            }
+        };
+        bytes(b, field, &memo.bytes[encoded]);
     }
 }
 
