@@ -232,33 +232,43 @@ async fn start(ctx: &Ctx, tag: &str) -> Result<Consumer, lapin::Error> {
 /// circuit opened, so wait for the app and start another consumer on the same session.
 async fn stopped(ctx: &Arc<Ctx>, ended: Pump, consumer: &mut Consumer, tag: &str) -> Option<Exit> {
     let (shared, session, queue) = (&ctx.shared, &ctx.session, ctx.sub.queue());
-    // (what the unstarted messages are given back for, why the consumer stopped, what next)
-    let (give_back, reason, exit) = match ended {
+    // (what the unstarted messages are given back for, why the consumer stopped, the paused
+    // state it leaves, what next)
+    let (give_back, reason, paused, exit) = match ended {
         Pump::Shutdown => (
             Some(ReturnReason::Shutdown),
             Some(CancelReason::Shutdown),
+            None,
             Some(Exit::Shutdown),
         ),
         Pump::AppDown => (
             Some(ReturnReason::AppUnreachable),
             Some(CancelReason::AppDown),
+            Some(State::PausedAppDown),
             None,
         ),
         Pump::CircuitOpen => (
             Some(ReturnReason::CircuitOpen),
             Some(CancelReason::CircuitOpen),
+            Some(State::PausedCircuitOpen),
             None,
         ),
         Pump::BrokerCancelled => (
             None,
             Some(CancelReason::Broker),
+            None,
             Some(lost_or(
                 session,
                 "consumer cancelled by the broker (queue deleted or failed over?)",
             )),
         ),
-        Pump::Error(e) => (None, None, Some(lost_or(session, e))),
+        Pump::Error(e) => (None, None, None, Some(lost_or(session, e))),
     };
+    // Nothing new reaches the app from here on: /status says so now, as /readyz already does,
+    // not after the cancel and its drain of what the broker had sent (up to 2 s).
+    if let Some(state) = paused {
+        shared.health.set_state(queue, state);
+    }
     if let Some(why) = give_back {
         intake::cancel(ctx, consumer, tag, why).await;
     }
