@@ -179,6 +179,15 @@ async fn hangs_resets_slow_answers_and_huge_bodies_each_keep_the_promise() {
             sidecar.logs()
         );
     }
+    // Counted when the broker confirms the copy, which it may already hold (the wait above).
+    let dead_letters =
+        format!("rabbit_sidecar_dead_letters_total{{{q},reason=\"max_deliveries\"}}");
+    assert!(
+        sidecar
+            .wait_metric(&dead_letters, 6.0, Duration::from_secs(30))
+            .await,
+        "six dead letters counted"
+    );
     let m = sidecar.metrics().await;
     println!(
         "{}",
@@ -188,12 +197,7 @@ async fn hangs_resets_slow_answers_and_huge_bodies_each_keep_the_promise() {
             .join("\n")
     );
     let v = |series: String| metric_value(&m, &series).unwrap_or(f64::NAN);
-    assert_eq!(
-        v(format!(
-            "rabbit_sidecar_dead_letters_total{{{q},reason=\"max_deliveries\"}}"
-        )),
-        6.0
-    );
+    assert_eq!(v(dead_letters), 6.0);
     assert_eq!(
         v(format!(
             "rabbit_sidecar_consumer_cancellations_total{{{q},reason=\"app_down\"}}"
@@ -212,8 +216,17 @@ async fn hangs_resets_slow_answers_and_huge_bodies_each_keep_the_promise() {
         };
         assert_eq!(attempts.get(id), Some(&expect), "{id}: {attempts:?}");
     }
+    // The test server records a huge body's writes once they fail, after the sidecar drops the
+    // connection.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            seen.lock().unwrap().huge_written.len() == 3
+        })
+        .await,
+        "{:?}",
+        seen.lock().unwrap().huge_written
+    );
     let huge = seen.lock().unwrap().huge_written.clone();
-    assert_eq!(huge.len(), 3, "{huge:?}");
     assert!(
         huge.iter().all(|w| *w < HUGE / 4),
         "the huge bodies were not read to the end: {huge:?}"

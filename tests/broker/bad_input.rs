@@ -111,11 +111,18 @@ async fn all_delivered_intact(
             "{companion} is empty"
         );
     }
-    let m = sidecar.metrics().await;
-    assert_eq!(
-        metric_value(&m, &series("rabbit_sidecar_in_flight_messages", queue)),
-        Some(0.0)
+    // A message leaves in_flight a moment after its ack is counted.
+    assert!(
+        sidecar
+            .wait_metric(
+                &series("rabbit_sidecar_in_flight_messages", queue),
+                0.0,
+                Duration::from_secs(5)
+            )
+            .await,
+        "nothing left in flight"
     );
+    let m = sidecar.metrics().await;
     assert_eq!(
         metric_value(&m, &series("rabbit_sidecar_deliveries_total", queue)),
         Some(n),

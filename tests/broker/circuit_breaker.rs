@@ -258,8 +258,10 @@ async fn a_poison_message_among_healthy_ones_is_still_dead_lettered() {
         .filter(|r| r.id() == "poison-0")
         .count();
     assert_eq!(poison_calls, 4, "exactly --max-deliveries attempts");
-    let got: HashSet<String> = app.ids().into_iter().collect();
-    assert!(healthy.iter().all(|id| got.contains(id)));
+    assert!(
+        app.received_all(&healthy, Duration::from_secs(20)).await,
+        "every healthy message reached the app"
+    );
     let transitions = labelled(
         "rabbit_sidecar_circuit_transitions_total",
         &format!("{},to=\"open\"", app_label(&app)),
@@ -521,6 +523,16 @@ async fn an_open_circuit_shows_in_readyz_status_and_metrics() {
     );
 
     let label = app_label(&app.app);
+    let opened = labelled(
+        "rabbit_sidecar_circuit_transitions_total",
+        &format!("{label},to=\"open\""),
+    );
+    // Health learns of the open circuit a moment before its metrics do.
+    assert!(
+        sidecar
+            .wait_metric(&opened, 1.0, Duration::from_secs(5))
+            .await
+    );
     let m = sidecar.metrics().await;
     let state = |s: &str| {
         metric_value(
@@ -534,10 +546,6 @@ async fn an_open_circuit_shows_in_readyz_status_and_metrics() {
     assert_eq!(
         (state("closed"), state("open"), state("half_open")),
         (Some(0.0), Some(1.0), Some(0.0))
-    );
-    let opened = labelled(
-        "rabbit_sidecar_circuit_transitions_total",
-        &format!("{label},to=\"open\""),
     );
     assert_eq!(metric_value(&m, &opened), Some(1.0));
     // Counted once the cancel completes, which a busy broker can take a while to confirm.

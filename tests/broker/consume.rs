@@ -244,6 +244,18 @@ async fn retries_then_dead_letters(quorum: bool) {
         broker.count(&format!("{queue}.retry")).await.map(|c| c.0),
         Some(0)
     );
+    // The broker holds the dead letter before its confirm reaches the sidecar, which counts it
+    // then: wait for the count, then hold the others exact.
+    let dead_letters = format!(
+        "rabbit_sidecar_dead_letters_total{{{},reason=\"max_deliveries\"}}",
+        q(&queue)
+    );
+    assert!(
+        sidecar
+            .wait_metric(&dead_letters, 1.0, Duration::from_secs(10))
+            .await,
+        "one dead letter counted"
+    );
     let m = sidecar.metrics().await;
     assert_eq!(
         metric_value(
@@ -255,16 +267,7 @@ async fn retries_then_dead_letters(quorum: bool) {
         ),
         Some(2.0)
     );
-    assert_eq!(
-        metric_value(
-            &m,
-            &format!(
-                "rabbit_sidecar_dead_letters_total{{{},reason=\"max_deliveries\"}}",
-                q(&queue)
-            )
-        ),
-        Some(1.0)
-    );
+    assert_eq!(metric_value(&m, &dead_letters), Some(1.0));
     assert!(metric_value(&m, &series("rabbit_sidecar_redeliveries_total", &queue)).unwrap() >= 2.0);
     broker.cleanup().await;
 }
@@ -302,28 +305,40 @@ async fn app_down_pauses_consuming_and_loses_nothing() {
         matches!(sidecar.get("/healthz").await, Some((200, _))),
         "an app outage never fails liveness"
     );
-    let m = sidecar.metrics().await;
-    assert_eq!(metric_value(&m, "rabbit_sidecar_app_up"), Some(0.0));
     assert_eq!(
-        metric_value(&m, &series("rabbit_sidecar_consumer_up", &queue)),
-        Some(0.0),
+        sidecar.metric("rabbit_sidecar_app_up").await,
+        0.0,
+        "the gate is down before the consumer is cancelled"
+    );
+    // The broker drops the consumer on basic.cancel; the sidecar counts the cancellation and
+    // gives back what was in flight after cancel-ok and a drain of what the broker had sent.
+    assert!(
+        sidecar
+            .wait_metric(
+                &series("rabbit_sidecar_consumer_up", &queue),
+                0.0,
+                Duration::from_secs(10)
+            )
+            .await,
         "no consumer while the app is down"
     );
-    assert!(
-        metric_value(
-            &m,
-            &format!(
-                "rabbit_sidecar_consumer_cancellations_total{{{},reason=\"app_down\"}}",
-                q(&queue)
-            )
-        )
-        .unwrap()
-            >= 1.0
+    let cancelled = format!(
+        "rabbit_sidecar_consumer_cancellations_total{{{},reason=\"app_down\"}}",
+        q(&queue)
     );
-    assert_eq!(
-        broker.count(&queue).await.map(|c| c.0),
-        Some(20),
-        "every message back in the queue"
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            sidecar.metric(&cancelled).await >= 1.0
+        })
+        .await,
+        "the cancellation is counted"
+    );
+    assert!(
+        broker
+            .wait_ready_count(&queue, 20, Duration::from_secs(10))
+            .await,
+        "every message back in the queue: {:?}",
+        broker.count(&queue).await
     );
     app.up().await;
     assert!(
