@@ -585,3 +585,64 @@ fn through_the_default_exchange_the_routing_key_is_the_queue_and_no_exchange_is_
     assert_eq!(str_attr(span, "messaging.destination.name"), "orders");
     assert_eq!(attr(span, "rabbit_sidecar.exchange"), None);
 }
+
+#[test]
+fn stale_trace_headers_are_replaced_not_added_to() {
+    let stale = |with_state: bool| {
+        let mut sent = HeaderMap::new();
+        sent.append("traceparent", "00-stale-one".parse().unwrap());
+        sent.append("traceparent", "00-stale-two".parse().unwrap());
+        if with_state {
+            sent.insert("tracestate", "stale=1".parse().unwrap());
+        }
+        sent
+    };
+    let values = |sent: &HeaderMap, key: &str| -> Vec<String> {
+        sent.get_all(key)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    };
+    let http = HttpTarget::new("POST", &"http://127.0.0.1:1/".parse().unwrap());
+
+    // The producer's context with a tracestate, no exporter: both replaced by the producer's.
+    let table = headers(vec![
+        ("traceparent", long(TRACEPARENT)),
+        ("tracestate", long("vendor=abc")),
+    ]);
+    let trace = MessageTrace::start(&meta(Some(&table)), &target());
+    let mut sent = stale(true);
+    trace.inject_http(&trace.dispatch_span(&http), &mut sent);
+    assert_eq!(values(&sent, "traceparent"), [TRACEPARENT]);
+    assert_eq!(values(&sent, "tracestate"), ["vendor=abc"]);
+
+    // A context without a tracestate: the stale one goes.
+    let table = headers(vec![("traceparent", long(TRACEPARENT))]);
+    let trace = MessageTrace::start(&meta(Some(&table)), &target());
+    let mut sent = stale(true);
+    trace.inject_http(&trace.dispatch_span(&http), &mut sent);
+    assert_eq!(values(&sent, "traceparent"), [TRACEPARENT]);
+    assert!(values(&sent, "tracestate").is_empty(), "{sent:?}");
+
+    // Exporting: the client span's context, one value, in the W3C layout.
+    let (sent, _) = with_exporter(|| {
+        let trace = MessageTrace::start(&meta(Some(&table)), &target());
+        let mut sent = stale(false);
+        trace.inject_http(&trace.dispatch_span(&http), &mut sent);
+        sent
+    });
+    let parents = values(&sent, "traceparent");
+    assert_eq!(parents.len(), 1, "{parents:?}");
+    let (trace_id, span_id, flags) = parse_traceparent(&parents[0]).expect("a valid traceparent");
+    assert_eq!(trace_id.to_string(), TRACE_ID);
+    assert_ne!(span_id, SpanId::INVALID);
+    assert!(flags.is_sampled());
+    assert_eq!(parents[0].len(), 55);
+    assert!(
+        parents[0]
+            .bytes()
+            .all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        "lowercase hex: {}",
+        parents[0]
+    );
+}
