@@ -210,9 +210,14 @@ impl<'a> MessageTrace<'a> {
         let Some(tracer) = &self.tracer else {
             return ClientSpan { span: None };
         };
+        // Room for the status code and the error type recorded later: pushed into a vector with
+        // no room, each would move the span's attributes to a larger one. The builder keeps this
+        // vector (collecting a `Vec` into a `Vec` reuses it) and so does the span.
+        let mut attributes = Vec::with_capacity(target.attributes.len() + 2);
+        attributes.extend(target.attributes.iter().cloned());
         let builder = SpanBuilder::from_name(target.method)
             .with_kind(SpanKind::Client)
-            .with_attributes(target.attributes.iter().cloned());
+            .with_attributes(attributes);
         ClientSpan {
             span: Some(tracer.build_with_context(builder, &self.cx)),
         }
@@ -410,7 +415,8 @@ impl ProcessTarget {
 
 /// The CONSUMER span of a delivery, with the messaging attributes.
 fn process_span(meta: &DeliveryInfo<'_>, target: &ProcessTarget) -> SpanBuilder {
-    let mut attributes = Vec::with_capacity(target.attributes.len() + 6);
+    // Room for the six below and, later, the decision and the error type.
+    let mut attributes = Vec::with_capacity(target.attributes.len() + 8);
     attributes.extend(target.attributes.iter().cloned());
     // Through the default exchange (the usual way to a queue) the routing key is the queue's
     // name: shared then, not copied.
