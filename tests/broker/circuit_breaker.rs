@@ -503,17 +503,15 @@ async fn an_open_circuit_shows_in_readyz_status_and_metrics() {
     );
     // The consumer loop sees the open circuit a moment after the breaker opens (another task):
     // /status says paused as soon as it stops taking deliveries, before its cancel completes.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let status = loop {
-        let (_, body) = sidecar.get("/status").await.expect("/status answers");
-        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
-        let paused = status["subscriptions"][0]["state"] == "paused_circuit_open";
-        assert!(paused || Instant::now() < deadline, "{status}");
-        if paused {
-            break status;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let (status, _) = sidecar
+        .status_when(Duration::from_secs(2), |s| {
+            s["subscriptions"][0]["state"] == "paused_circuit_open"
+        })
+        .await;
+    assert_eq!(
+        status["subscriptions"][0]["state"], "paused_circuit_open",
+        "{status}"
+    );
     let circuit = &status["circuit_breakers"][0];
     assert_eq!(circuit["app"], app.app.addr.to_string(), "{status}");
     assert_eq!(circuit["state"], "open", "{status}");

@@ -635,18 +635,12 @@ async fn status_has_its_documented_shape_and_no_secret_leaks_anywhere() {
             .await
     );
     // The ack is counted a moment before /status drops the message from in_flight.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (body, doc) = loop {
-        let (status, body) = sidecar.get("/status").await.unwrap();
-        assert_eq!(status, 200);
-        let doc: serde_json::Value = serde_json::from_str(&body)
-            .unwrap_or_else(|e| panic!("/status is JSON ({e}):\n{body}"));
-        let sub = &doc["subscriptions"][0];
-        if (sub["in_flight"] == 0 && sub["last_ack"].is_string()) || Instant::now() > deadline {
-            break (body, doc);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let (doc, body) = sidecar
+        .status_when(Duration::from_secs(10), |d| {
+            let sub = &d["subscriptions"][0];
+            sub["in_flight"] == 0 && sub["last_ack"].is_string()
+        })
+        .await;
     assert_eq!(doc["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(doc["live"], true);
     assert_eq!(doc["ready"], true);

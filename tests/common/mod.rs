@@ -826,6 +826,26 @@ impl Sidecar {
         Some((status, String::from_utf8_lossy(&body).into_owned()))
     }
 
+    /// `/status` (as JSON, and as sent) once `until` holds for it, or as it last was when
+    /// `timeout` is up.
+    pub async fn status_when(
+        &self,
+        timeout: Duration,
+        until: impl Fn(&serde_json::Value) -> bool,
+    ) -> (serde_json::Value, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (status, body) = self.get("/status").await.expect("/status answers");
+            assert_eq!(status, 200, "{body}");
+            let doc: serde_json::Value = serde_json::from_str(&body)
+                .unwrap_or_else(|e| panic!("/status is JSON ({e}):\n{body}"));
+            if until(&doc) || Instant::now() >= deadline {
+                return (doc, body);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn wait_ready(&self, timeout: Duration) {
         let ok = eventually(timeout, || async {
             matches!(self.get("/readyz").await, Some((200, _)))

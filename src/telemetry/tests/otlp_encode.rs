@@ -214,7 +214,7 @@ fn attributes_shared_by_many_spans_are_encoded_as_the_official_conversion_does()
             KeyValue::new("empty", ""),
             KeyValue::new("long", "x".repeat(200)),
         ]));
-        // The same attribute in an event: another field, written on its own.
+        // The same attribute in an event: another field around the same encoding.
         span.add_event(
             "decision",
             vec![KeyValue::new("messaging.system", "rabbitmq")],
