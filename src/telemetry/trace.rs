@@ -210,11 +210,8 @@ impl<'a> MessageTrace<'a> {
         let Some(tracer) = &self.tracer else {
             return ClientSpan { span: None };
         };
-        // Room for the status code and the error type recorded later: pushed into a vector with
-        // no room, each would move the span's attributes to a larger one. The builder keeps this
-        // vector (collecting a `Vec` into a `Vec` reuses it) and so does the span.
-        let mut attributes = Vec::with_capacity(target.attributes.len() + 2);
-        attributes.extend(target.attributes.iter().cloned());
+        // Room for the status code and the error type recorded later.
+        let attributes = with_room(&target.attributes, 2);
         let builder = SpanBuilder::from_name(target.method)
             .with_kind(SpanKind::Client)
             .with_attributes(attributes);
@@ -252,9 +249,11 @@ impl<'a> MessageTrace<'a> {
             .expect("a traceparent is ASCII hex and dashes");
         headers.insert(TRACEPARENT_HEADER, parent);
         let state = sc.trace_state().header();
-        // The string's buffer becomes the value: checked, not copied.
-        match hyper::header::HeaderValue::from_maybe_shared(bytes::Bytes::from(state)) {
-            Ok(value) if !value.is_empty() => {
+        // Usually empty. Otherwise the string's buffer becomes the value: checked, not copied.
+        let state = (!state.is_empty())
+            .then(|| hyper::header::HeaderValue::from_maybe_shared(bytes::Bytes::from(state)));
+        match state {
+            Some(Ok(value)) => {
                 headers.insert(TRACESTATE_HEADER, value);
             }
             _ => {
@@ -413,11 +412,19 @@ impl ProcessTarget {
     }
 }
 
+/// A span's attributes: the target's shared ones, with room for `more` pushed later. Pushed into
+/// a vector with no room, each would move the span's attributes to a larger one; the builder
+/// keeps this vector (collecting a `Vec` into a `Vec` reuses it) and so does the span.
+fn with_room(shared: &[KeyValue], more: usize) -> Vec<KeyValue> {
+    let mut attributes = Vec::with_capacity(shared.len() + more);
+    attributes.extend_from_slice(shared);
+    attributes
+}
+
 /// The CONSUMER span of a delivery, with the messaging attributes.
 fn process_span(meta: &DeliveryInfo<'_>, target: &ProcessTarget) -> SpanBuilder {
     // Room for the six below and, later, the decision and the error type.
-    let mut attributes = Vec::with_capacity(target.attributes.len() + 8);
-    attributes.extend(target.attributes.iter().cloned());
+    let mut attributes = with_room(&target.attributes, 8);
     // Through the default exchange (the usual way to a queue) the routing key is the queue's
     // name: shared then, not copied.
     let routing_key = if meta.routing_key == target.queue.as_str() {
